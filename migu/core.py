@@ -1,0 +1,333 @@
+"""MIGU: magnitude-based gradient updating (Du et al., 2024), as a model-agnostic hook set.
+
+For every targeted linear layer the forward hooks accumulate, per output unit j, the sum of |y_j| over the
+non-padding tokens of every micro-batch of one optimizer step (float32) and the token count. Before the
+optimizer step, :meth:`MIGU.mask_gradients` L1-normalises the mean magnitudes per layer, keeps the units
+among the top ``ceil((1 - T) * d_out)`` and zeroes the gradient rows (weight row j, bias j) of the others.
+
+LoRA (PEFT ``LoraLayer``): rows of ``lora_A`` are ranked by the magnitudes of the A-path output (r units);
+rows of ``lora_B`` by the magnitudes of the whole layer output (base + scaled LoRA). Frozen parameters
+are never targeted.
+
+This module imports only torch: it knows modules, hooks and gradients, never tasks, configs or loops.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["MIGU", "keep_count", "check_options"]
+
+_MODES = ("grad", "update")
+
+
+def check_options(threshold, mode: str) -> None:
+    """Raise ``ValueError`` naming the offending value if ``threshold`` or ``mode`` is invalid."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold < 1.0:
+        raise ValueError(f"MIGU threshold must be a number in [0, 1), got {threshold!r}")
+    if mode not in _MODES:
+        raise ValueError(f"MIGU mode must be one of {_MODES}, got {mode!r}")
+
+
+def keep_count(threshold: float, d_out: int) -> int:
+    """Number of units whose gradient rows are kept: ``ceil((1 - T) * d_out)``.
+
+    The product is rounded to 9 decimals first so that e.g. ``(1 - 0.7) * 10`` (= 3.0000000000000004 in
+    floating point) keeps 3 units, as the paper's ``d_out - floor(T * d_out)`` does.
+    """
+    return min(d_out, max(1, math.ceil(round((1.0 - threshold) * d_out, 9))))
+
+
+@dataclass
+class _Unit:
+    """One ranked set of output units: the module whose output is measured and the rows it gates."""
+
+    name: str
+    module: nn.Module
+    params: list[tuple[nn.Parameter, int]]  # (parameter, dimension that indexes output units)
+    size: int
+    sum: torch.Tensor  # float32 [size]: sum of |y_j| over counted tokens
+    count: torch.Tensor  # float64 scalar on the same device: number of counted tokens
+    frozen: list = field(default_factory=list)  # "update" mode: (param, dim, index, saved rows)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D (GPT-2 family): weight is [in, out], so output units are columns
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and isinstance(
+        getattr(module, "lora_B", None), nn.ModuleDict
+    )
+
+
+def _block_prefixes(model: nn.Module) -> list[str]:
+    """Name prefixes of the repeated blocks (children of any nn.ModuleList), e.g. ``model.layers.3.``."""
+    prefixes = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList):
+            prefixes += [f"{name}.{child}." if name else f"{child}." for child, _ in module.named_children()]
+    return prefixes
+
+
+def _pattern_matches(pattern: str, name: str) -> bool:
+    # PEFT convention: a bare name matches the module itself or any module whose last components equal it
+    return name == pattern or name.endswith("." + pattern)
+
+
+class MIGU:
+    """Magnitude-based gradient masking for any ``nn.Module`` (plain PyTorch, HF, PEFT LoRA).
+
+    Args:
+        model: the model to train. Hooks are attached to its targeted linear layers.
+        threshold: T in [0, 1): the fraction of output units per layer whose gradient rows are zeroed.
+            T = 0 keeps every row (training is bit-identical to training without MIGU).
+        target_modules: ``None`` targets every trainable ``nn.Linear`` / HF ``Conv1D`` (or PEFT LoRA layer)
+            inside the repeated transformer blocks, never embeddings or the LM head. A list of names
+            selects explicitly, PEFT style (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``); a
+            string is a regular expression that must match the full module name. A pattern that matches
+            nothing is an error.
+        mode: ``"grad"`` zeroes the gradient rows of low-magnitude units (the paper). ``"update"`` also
+            guarantees those rows are exactly unchanged by the optimizer step, even under AdamW momentum
+            and weight decay: their values are saved in :meth:`mask_gradients` and restored by
+            :meth:`reset` (or right after ``optimizer.step()`` when ``optimizer`` is given).
+        optimizer: optional; in ``"update"`` mode the frozen rows are restored by a step post-hook.
+        sync: all-reduce statistics across ranks when ``torch.distributed`` is initialised (default True).
+
+    Padding: each targeted module learns the token mask from the ``attention_mask`` keyword argument of
+    the model's forward call (a forward pre-hook on ``model``), or from :meth:`set_token_mask`. Without a
+    mask, or when a module's output does not have the mask's [batch, length] leading shape, all positions
+    count. Statistics are only accumulated while autograd is enabled (evaluation under ``no_grad`` is
+    ignored) unless inside :meth:`observe`.
+
+    Example:
+        >>> migu = MIGU(model, threshold=0.7)
+        >>> loss.backward(); migu.mask_gradients(); optimizer.step(); optimizer.zero_grad(); migu.reset()
+    """
+
+    def __init__(self, model: nn.Module, threshold: float = 0.7, target_modules=None, mode: str = "grad",
+                 optimizer: torch.optim.Optimizer | None = None, sync: bool = True):
+        check_options(threshold, mode)
+        self.model = model
+        self.threshold = float(threshold)
+        self.mode = mode
+        self.sync = sync
+        self.enabled = True
+        self._explicit_mask: torch.Tensor | None = None
+        self._auto_mask: torch.Tensor | None = None
+        self._force_observe = False
+        self._last_masks: dict[str, torch.Tensor] = {}
+        self.units = self._find_units(model, target_modules)
+        if not self.units:
+            raise ValueError(
+                f"MIGU found no trainable nn.Linear / Conv1D / LoRA layer to target in {type(model).__name__}"
+                f" (target_modules={target_modules!r})"
+            )
+        self._handles = [model.register_forward_pre_hook(self._capture_mask, with_kwargs=True)]
+        for unit in self.units:
+            self._handles.append(unit.module.register_forward_hook(self._make_hook(unit)))
+        if optimizer is not None and mode == "update":
+            self._handles.append(optimizer.register_step_post_hook(lambda *_: self._restore_frozen()))
+
+    # ----------------------------------------------------------------------------------- targeting
+    @staticmethod
+    def _find_units(model: nn.Module, target_modules) -> list[_Unit]:
+        lora_children = set()
+        candidates: list[tuple[str, nn.Module]] = []
+        for name, module in model.named_modules():
+            if _is_lora_layer(module):
+                lora_children.update(id(m) for m in module.lora_A.values())
+                lora_children.update(id(m) for m in module.lora_B.values())
+                candidates.append((name, module))
+            elif (isinstance(module, nn.Linear) or _is_conv1d(module)) and id(module) not in lora_children:
+                if module.weight.requires_grad:
+                    candidates.append((name, module))
+        if target_modules is None:
+            blocks = _block_prefixes(model)
+            chosen = [
+                (n, m) for n, m in candidates
+                if any(n.startswith(p) for p in blocks) and "embed" not in n and "lm_head" not in n
+            ]
+        else:
+            if isinstance(target_modules, str):
+                regex = re.compile(target_modules)
+                chosen = [(n, m) for n, m in candidates if regex.fullmatch(n)]
+                if not chosen:
+                    raise ValueError(f"MIGU target_modules regex {target_modules!r} matched no trainable layer")
+            else:
+                patterns = list(target_modules)
+                for p in patterns:
+                    if not any(_pattern_matches(p, n) for n, _ in candidates):
+                        raise ValueError(f"MIGU target_modules pattern {p!r} matched no trainable linear layer")
+                chosen = [(n, m) for n, m in candidates if any(_pattern_matches(p, n) for p in patterns)]
+        units = []
+        for name, module in chosen:
+            units += MIGU._units_for(name, module)
+        return units
+
+    @staticmethod
+    def _units_for(name: str, module: nn.Module) -> list[_Unit]:
+        def rows(*pairs):
+            return [(p, d) for p, d in pairs if p is not None and p.requires_grad]
+
+        def new(unit_name, hooked, params, size, ref):
+            dev = ref.device
+            return _Unit(unit_name, hooked, params, size, torch.zeros(size, dtype=torch.float32, device=dev),
+                         torch.zeros((), dtype=torch.float64, device=dev))
+
+        if not _is_lora_layer(module):
+            dim = 1 if _is_conv1d(module) else 0
+            params = rows((module.weight, dim), (module.bias, 0))
+            return [new(name, module, params, module.weight.shape[dim], module.weight)] if params else []
+        units = []
+        for adapter, lora_a in module.lora_A.items():
+            lora_b = module.lora_B[adapter]
+            if not isinstance(lora_a, nn.Linear):
+                continue  # embedding / conv LoRA variants are not linear layers in the paper's sense
+            a_params = rows((lora_a.weight, 0), (lora_a.bias, 0))
+            b_params = rows((lora_b.weight, 0), (lora_b.bias, 0))
+            if a_params:  # ranked by x·Aᵀ, the A-path output (r units)
+                units.append(new(f"{name}.lora_A.{adapter}", lora_a, a_params, lora_a.out_features, lora_a.weight))
+            if b_params:  # ranked by the full layer output: base + scaled LoRA path
+                units.append(new(f"{name}.lora_B.{adapter}", module, b_params, lora_b.out_features, lora_b.weight))
+        return units
+
+    # ----------------------------------------------------------------------------------- statistics
+    def _capture_mask(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        self._auto_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def set_token_mask(self, mask: torch.Tensor | None) -> None:
+        """Use ``mask`` ([batch, length], nonzero = real token) for the following forward passes; None clears."""
+        self._explicit_mask = mask
+
+    @contextmanager
+    def observe(self):
+        """Accumulate statistics even under ``torch.no_grad()`` (e.g. to measure a task's magnitudes)."""
+        previous, self._force_observe = self._force_observe, True
+        try:
+            yield self
+        finally:
+            self._force_observe = previous
+
+    def _make_hook(self, unit: _Unit):
+        def hook(module, inputs, output):
+            if not self.enabled or not (torch.is_grad_enabled() or self._force_observe):
+                return
+            y = output[0] if isinstance(output, (tuple, list)) else output
+            y = y.detach()
+            flat = y.abs().reshape(-1, y.shape[-1])
+            mask = self._explicit_mask if self._explicit_mask is not None else self._auto_mask
+            if mask is not None and tuple(mask.shape) == tuple(y.shape[:-1]):
+                weights = mask.reshape(-1).to(device=y.device, dtype=torch.float32)
+                unit.sum += weights @ flat.float()  # one matvec: no Python loop, no kept activations
+                unit.count += weights.sum()
+            else:
+                unit.sum += flat.sum(0, dtype=torch.float32)
+                unit.count += flat.shape[0]
+
+        return hook
+
+    def _synced_sums(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(sum, count) per unit, all-reduced over ranks so every rank ranks the same numbers."""
+        sums = [u.sum for u in self.units]
+        counts = [u.count for u in self.units]
+        dist = torch.distributed
+        if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flat = torch.cat([s.double() for s in sums] + [torch.stack(counts).to(sums[0].device)])
+            dist.all_reduce(flat)  # one collective for all layers
+            sizes = [u.size for u in self.units]
+            parts = list(torch.split(flat[: sum(sizes)], sizes))
+            sums = [p.float() for p in parts]
+            counts = list(flat[sum(sizes):].cpu())
+        return list(zip(sums, counts))
+
+    def magnitudes(self) -> dict[str, torch.Tensor]:
+        """{unit name: L1-normalised mean |output| per unit (float32)} of the current accumulation."""
+        out = {}
+        for unit, (total, count) in zip(self.units, self._synced_sums()):
+            mean = total / max(float(count), 1.0)
+            out[unit.name] = (mean / mean.sum().clamp_min(torch.finfo(torch.float32).tiny)).float()
+        return out
+
+    def _rank(self, magnitudes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        masks = {}
+        for unit in self.units:
+            m = magnitudes[unit.name]
+            k = keep_count(self.threshold, unit.size)
+            if k >= unit.size or not bool(m.any()):  # nothing measured: no basis to drop rows
+                masks[unit.name] = torch.ones(unit.size, dtype=torch.bool, device=m.device)
+                continue
+            # stable sort: equal magnitudes keep the lower index first, on every rank and every run
+            order = torch.sort(m.cpu(), descending=True, stable=True).indices[:k]
+            mask = torch.zeros(unit.size, dtype=torch.bool)
+            mask[order] = True
+            masks[unit.name] = mask.to(m.device)
+        return masks
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """{unit name: bool mask, True = gradient row kept}: of the current statistics, or the last used."""
+        if not any(float(u.count) for u in self.units) and self._last_masks:
+            return dict(self._last_masks)
+        return self._rank(self.magnitudes())
+
+    # ----------------------------------------------------------------------------------- masking
+    def mask_gradients(self) -> dict[str, torch.Tensor]:
+        """Zero the gradient rows of low-magnitude units; call after backward, before clipping and step.
+
+        Returns:
+            The masks used, {unit name: bool tensor}.
+        """
+        if not self.enabled or self.threshold == 0.0:
+            return {}
+        masks = self._rank(self.magnitudes())
+        with torch.no_grad():
+            for unit in self.units:
+                mask = masks[unit.name]
+                if bool(mask.all()):
+                    continue
+                drop = (~mask).nonzero().squeeze(1)
+                for param, dim in unit.params:
+                    shape = [1] * param.dim()
+                    shape[dim] = -1
+                    if param.grad is not None:
+                        param.grad.masked_fill_(~mask.view(shape), 0)
+                    if self.mode == "update":
+                        unit.frozen.append((param, dim, drop, param.detach().index_select(dim, drop).clone()))
+        self._last_masks = masks
+        return masks
+
+    def _restore_frozen(self) -> None:
+        with torch.no_grad():
+            for unit in self.units:
+                for param, dim, index, rows in unit.frozen:
+                    param.index_copy_(dim, index, rows)
+                unit.frozen.clear()
+
+    def reset(self) -> None:
+        """Start a new accumulation (call after ``optimizer.step()``); restores frozen rows in "update" mode."""
+        self._restore_frozen()
+        for unit in self.units:
+            unit.sum.zero_()
+            unit.count.zero_()
+
+    def extra_bytes(self) -> int:
+        """Persistent memory MIGU holds: one float32 per output unit per targeted layer (+ one count each)."""
+        return sum(u.sum.numel() * u.sum.element_size() + u.count.element_size() for u in self.units)
+
+    def remove(self) -> None:
+        """Remove every hook; the model is exactly as before MIGU was attached."""
+        self._restore_frozen()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __repr__(self) -> str:
+        return f"MIGU(threshold={self.threshold}, mode={self.mode!r}, units={len(self.units)})"

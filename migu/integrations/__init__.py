@@ -1,0 +1,1 @@
+"""Adapters that plug MIGU into other training frameworks."""
