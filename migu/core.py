@@ -68,6 +68,18 @@ def _is_lora_layer(module: nn.Module) -> bool:
     )
 
 
+def _unsupported_wrapper(model: nn.Module) -> str | None:
+    """Name of a sharding engine whose gradients do not live in ``param.grad`` of the module, if any."""
+    for module in model.modules():
+        kind = type(module).__name__
+        if kind in ("FullyShardedDataParallel", "DeepSpeedEngine") or kind.startswith("FSDP"):
+            return kind
+    for param in model.parameters():
+        if type(param).__name__ == "DTensor" or type(param.data).__name__ == "DTensor":
+            return "FSDP2/DTensor sharded parameters"
+    return None
+
+
 def _block_prefixes(model: nn.Module) -> list[str]:
     """Name prefixes of the repeated blocks (children of any nn.ModuleList), e.g. ``model.layers.3.``."""
     prefixes = []
@@ -115,6 +127,12 @@ class MIGU:
     def __init__(self, model: nn.Module, threshold: float = 0.7, target_modules=None, mode: str = "grad",
                  optimizer: torch.optim.Optimizer | None = None, sync: bool = True):
         check_options(threshold, mode)
+        engine = _unsupported_wrapper(model)
+        if engine is not None:
+            # ZeRO / FSDP reduce gradients into their own sharded flat buffers during backward: masking the
+            # module's .grad would silently do nothing, so refuse instead of training without MIGU
+            raise ValueError(f"MIGU does not support {engine}: its gradients are sharded outside param.grad; "
+                             "use DDP (torchrun) or a single process")
         self.model = model
         self.threshold = float(threshold)
         self.mode = mode

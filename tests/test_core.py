@@ -405,3 +405,19 @@ def test_gradient_checkpointing_gives_same_masks():
         result.append(migu.mask_gradients())
     for k in result[0]:
         assert torch.equal(result[0][k], result[1][k]), k
+
+
+def test_sharded_engines_are_refused_not_silently_ignored():
+    class FullyShardedDataParallel(nn.Module):  # stands in for torch's FSDP wrapper (same class name)
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+    with pytest.raises(ValueError, match="FullyShardedDataParallel"):
+        MIGU(FullyShardedDataParallel(Toy()))
+
+    class DeepSpeedEngine(FullyShardedDataParallel):
+        pass
+
+    with pytest.raises(ValueError, match="DeepSpeedEngine"):
+        MIGU(DeepSpeedEngine(Toy()))
