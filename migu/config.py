@@ -1,0 +1,408 @@
+"""Run configuration: one dataclass per concern, loaded as defaults → YAML file → `--set a.b=c` overrides.
+
+    cfg = load_config("configs/quickstart.yaml", ["migu.threshold=0.5", "seed=1"])
+
+Merging and type checking are OmegaConf structured configs; value checks are the `validate()` methods
+below. Every error is a `ConfigError` whose one-line message names the dotted key, e.g.
+`migu.threshold=1.5: must be in [0, 1)`. Every field carries an attribute docstring (the string literal
+under it); `describe_options()` turns them into the option list of `migu run --help`.
+
+Method options: each registered method with an `Options` dataclass gets the section
+`method.<name with _>` (e.g. `method.seq_lora.r`); only the chosen method's section may be set.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from migu.methods import METHODS, options_key
+
+# A top-level key that config.yaml files in run directories carry (git commit, versions); ignored on load.
+PROVENANCE_KEY = "provenance"
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message is one line naming the key, e.g. `seed=-1: must be >= 0`."""
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={_show(value)}: {rule}")
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def _first_line(text: str | None) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
+# ------------------------------------------------------------------------------------------ sections
+@dataclass
+class ModelConfig:
+    """The model to train."""
+
+    name: str = "smollm2-135m"
+    """`smollm2-135m` (the embedded SmolLM2-135M-Instruct), a local model directory, or a cached hub id."""
+
+    def validate(self) -> None:
+        _check(bool(self.name.strip()), "model.name", self.name, "must not be empty")
+
+
+@dataclass
+class DataConfig:
+    """The task stream: a published benchmark order, an explicit task list, or a custom stream file."""
+
+    benchmark: str = "standard"
+    """Published benchmark: `standard` (orders 1-3, 4 tasks) or `long` (orders 4-6, 15 tasks)."""
+    order: int = 1
+    """Task order of the benchmark (1-3 standard, 4-6 long), from the data's orders.json."""
+    tasks: Optional[list[str]] = None
+    """Explicit task names from the benchmark data, in training order; overrides benchmark/order."""
+    stream: Optional[str] = None
+    """Custom stream YAML (see migu.data.custom); overrides benchmark/order. Not with `tasks`."""
+    data_dir: Optional[str] = None
+    """CL_Benchmark directory; null: migu.data.default_data_dir() ($MIGU_DATA_DIR, else ../shared/data/CL_Benchmark next to the checkout, else ./data/CL_Benchmark)."""
+    train_per_task: int = 64
+    """Training examples per task, a seeded label-stratified sample; 0 = all."""
+    test_per_task: int = 32
+    """Test examples per task, a seeded label-stratified sample; 0 = all."""
+    max_length: int = 128
+    """Longest token sequence; longer prompts lose tokens from their middle, the answer is always kept."""
+    seed: Optional[int] = None
+    """Seed of the subsampling; null: the run seed."""
+
+    def validate(self) -> None:
+        _check(self.benchmark in ("standard", "long"), "data.benchmark", self.benchmark,
+               "must be 'standard' or 'long'")
+        _check(1 <= self.order <= 6, "data.order", self.order, "must be in 1..6 (standard 1-3, long 4-6)")
+        if self.tasks is not None:
+            _check(len(self.tasks) > 0, "data.tasks", self.tasks, "must name at least one task (or be null)")
+            _check(len(set(self.tasks)) == len(self.tasks), "data.tasks", self.tasks, "names a task twice")
+            _check(self.stream is None, "data.stream", self.stream, "set either data.tasks or data.stream, not both")
+        _check(self.train_per_task >= 0, "data.train_per_task", self.train_per_task, "must be >= 0 (0 = all)")
+        _check(self.test_per_task >= 0, "data.test_per_task", self.test_per_task, "must be >= 0 (0 = all)")
+        _check(self.max_length >= 8, "data.max_length", self.max_length, "must be >= 8")
+        _check(self.seed is None or self.seed >= 0, "data.seed", self.seed, "must be >= 0 or null")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation, identical for every method: AdamW, constant learning rate, fresh per task."""
+
+    lr: Optional[float] = None
+    """Learning rate; null: the method's default (seq-ft 1e-5, seq-lora 1e-4)."""
+    batch_size: int = 8
+    """Examples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (the loss is a token mean over the whole step)."""
+    epochs: int = 1
+    """Passes over each task's training examples."""
+    max_grad_norm: Optional[float] = 1.0
+    """Gradient-norm clipping after MIGU's mask; null or 0 = no clipping."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    group_by_length: bool = True
+    """Batch examples of similar length together (padding dominates CPU cost otherwise)."""
+    checkpoint: bool = True
+    """Write checkpoints/last after every task (needed by --resume)."""
+
+    def validate(self) -> None:
+        _check(self.lr is None or self.lr > 0, "train.lr", self.lr, "must be > 0 or null")
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
+        _check(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, "must be >= 1")
+        _check(self.epochs >= 1, "train.epochs", self.epochs, "must be >= 1")
+        _check(self.max_grad_norm is None or self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm,
+               "must be >= 0 or null")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation after every task on the test split of every task of the sequence."""
+
+    mode: str = "generate"
+    """`generate`: greedy answer, exact match after normalisation; `rank`: the label with the highest log-likelihood."""
+    batch_size: int = 16
+    """Examples per evaluation batch (sorted by length to limit padding)."""
+    max_new_tokens: Optional[int] = None
+    """Generation length; null: per task, the longest label's token count + 2."""
+    untrained: bool = True
+    """Also evaluate the model before any training (row `untrained`, needed for FWT)."""
+
+    def validate(self) -> None:
+        _check(self.mode in ("generate", "rank"), "eval.mode", self.mode, "must be 'generate' or 'rank'")
+        _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
+        _check(self.max_new_tokens is None or self.max_new_tokens >= 1, "eval.max_new_tokens",
+               self.max_new_tokens, "must be >= 1 or null")
+
+
+@dataclass
+class MiguConfig:
+    """MIGU: keep only the gradient rows of the highest-magnitude output units of each targeted layer."""
+
+    enabled: bool = False
+    """Mask gradients with MIGU (ignored when compare_migu is true: both settings run)."""
+    threshold: float = 0.7
+    """T: the fraction of output units per layer whose gradient rows are zeroed each step."""
+    mode: str = "grad"
+    """`grad`: zero gradient rows (the paper); `update`: also keep masked rows exactly unchanged under AdamW."""
+    target_modules: Optional[list[str]] = None
+    """Module-name patterns MIGU ranks (PEFT style); null: the method's choice (seq-ft: every block linear, seq-lora: the adapted layers)."""
+
+    def validate(self) -> None:
+        _check(0.0 <= self.threshold < 1.0, "migu.threshold", self.threshold, "must be in [0, 1)")
+        _check(self.mode in ("grad", "update"), "migu.mode", self.mode, "must be 'grad' or 'update'")
+        _check(self.target_modules is None or len(self.target_modules) > 0, "migu.target_modules",
+               self.target_modules, "must name at least one module (or be null)")
+
+
+def _make_method_config() -> type:
+    """`MethodConfig`: `name` plus one options section per registered method that has options."""
+    specs: list = [("name", str, field(default="seq-ft"))]
+    docs = {"name": "The continual-learning method: " + ", ".join(sorted(METHODS)) + "."}
+    for name, cls in sorted(METHODS.items()):
+        if dataclasses.fields(cls.Options):
+            key = options_key(name)
+            specs.append((key, cls.Options, field(default_factory=cls.Options)))
+            docs[key] = f"Options of `{name}` (used when method.name={name}). " + _first_line(cls.__doc__)
+    klass = dataclasses.make_dataclass("MethodConfig", specs, namespace={"validate": _validate_method})
+    klass.__doc__ = "The continual-learning method and its options."
+    klass.__module__ = __name__
+    klass.__field_docs__ = docs
+    return klass
+
+
+def _validate_method(self) -> None:
+    _check(self.name in METHODS, "method.name", self.name, "unknown method; known: " + ", ".join(sorted(METHODS)))
+    options = getattr(self, options_key(self.name), None)
+    if options is not None and hasattr(options, "validate"):
+        try:
+            options.validate(f"method.{options_key(self.name)}")
+        except ConfigError:
+            raise
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+
+MethodConfig = _make_method_config()
+
+
+@dataclass
+class RunConfig:
+    """One `migu run`: a model trained by a method on a task stream, evaluated after every task."""
+
+    name: str = "run"
+    """Experiment name used in the default output_dir; default: the config file's name without .yaml."""
+    seed: int = 0
+    """Seed of initialisation, batch order, dropout and (unless data.seed is set) subsampling."""
+    output_dir: Optional[str] = None
+    """Run directory; null: runs/<name>-<method>[-migu]-s<seed> (compare_migu: runs/<name>-<method>-compare-s<seed>)."""
+    compare_migu: bool = False
+    """Run twice, without and with MIGU, into <output_dir>/no-migu and <output_dir>/migu (sharing the untrained evaluation), and print both side by side."""
+    threads: Optional[int] = None
+    """torch CPU threads; null: torch's default."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The task stream."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation."""
+    migu: MiguConfig = field(default_factory=MiguConfig)
+    """MIGU gradient masking."""
+    method: MethodConfig = field(default_factory=MethodConfig)  # type: ignore[valid-type]
+    """The continual-learning method."""
+
+    def validate(self) -> "RunConfig":
+        """Check every section; raise `ConfigError` naming the first bad key. Returns self."""
+        _check(bool(self.name) and "/" not in self.name, "name", self.name, "must be non-empty without '/'")
+        _check(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        _check(self.threads is None or self.threads >= 1, "threads", self.threads, "must be >= 1 or null")
+        for section in (self.model, self.data, self.train, self.eval, self.migu, self.method):
+            section.validate()
+        return self
+
+    @property
+    def method_options(self):
+        """The chosen method's options object (its `Options` dataclass instance)."""
+        options = getattr(self.method, options_key(self.method.name), None)
+        return options if options is not None else METHODS[self.method.name].Options()
+
+    def default_output_dir(self) -> str:
+        suffix = "-compare" if self.compare_migu else ("-migu" if self.migu.enabled else "")
+        return f"runs/{self.name}-{self.method.name}{suffix}-s{self.seed}"
+
+
+# ------------------------------------------------------------------------------------------ loading
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Defaults → YAML file (if any) → `key=value` overrides (dotted keys, YAML values), then validate.
+
+    Raises:
+        ConfigError: unreadable YAML, unknown key, wrong type or invalid value (one line naming the key).
+    """
+    layers = []
+    name = None
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            doc = OmegaConf.load(path)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where} invalid YAML: {getattr(err, 'problem', None) or err}") from None
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{path}: {_first_line(str(err))}") from None
+        if doc is None or (OmegaConf.is_dict(doc) and len(doc) == 0):
+            doc = OmegaConf.create({})
+        if not OmegaConf.is_dict(doc):
+            raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
+        doc.pop(PROVENANCE_KEY, None)
+        layers.append(doc)
+        name = path.stem
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set migu.threshold=0.5")
+    if overrides:
+        try:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"--set: {_first_line(str(err))}") from None
+    try:
+        merged = OmegaConf.structured(RunConfig)
+        if name is not None:
+            merged.name = name
+        for layer in layers:
+            merged = OmegaConf.merge(merged, layer)
+        _check_method_sections(merged, layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _from_omegaconf(err) from None
+    return cfg.validate()
+
+
+def _check_method_sections(merged, layers) -> None:
+    """Only the chosen method's options section may be set (a typo'd method would silently ignore it)."""
+    chosen = options_key(merged.method.name)
+    for layer in layers:
+        section = layer.get("method") if OmegaConf.is_dict(layer) else None
+        if not OmegaConf.is_dict(section):
+            continue
+        for key in section:
+            if key != "name" and key != chosen:
+                where = f"its options go under method.{chosen}" if chosen in merged.method else "it has no options"
+                raise ConfigError(f"method.{key}: options of another method; method.name is {merged.method.name!r}"
+                                  f" ({where})")
+
+
+def _from_omegaconf(err: OmegaConfBaseException) -> ConfigError:
+    key = getattr(err, "full_key", None)
+    message = _first_line(getattr(err, "msg", None) or str(err))
+    if type(err).__name__ == "ConfigKeyError" and key:
+        return ConfigError(f"{key}: unknown key")
+    return ConfigError(f"{key}: {message}" if key else message)
+
+
+def to_yaml(cfg: RunConfig, provenance: dict | None = None) -> str:
+    """The resolved config as YAML (loadable by `load_config`), with an optional provenance section."""
+    data = OmegaConf.to_container(OmegaConf.structured(cfg))
+    chosen = options_key(cfg.method.name)
+    data["method"] = {k: v for k, v in data["method"].items() if k in ("name", chosen)}  # only the used options
+    if provenance is not None:
+        data[PROVENANCE_KEY] = provenance
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+
+
+def with_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """A copy of `cfg` with dotted `key=value` overrides applied and validated."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged).validate()
+    except OmegaConfBaseException as err:
+        raise _from_omegaconf(err) from None
+
+
+# ------------------------------------------------------------------------------------------ --help
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """{field name: attribute docstring} of a dataclass, including inherited fields."""
+    own = getattr(cls, "__field_docs__", None)
+    if own is not None and "__field_docs__" in cls.__dict__:
+        return dict(own)
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass is object:
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def iter_options(cls: type = RunConfig, prefix: str = ""):
+    """Yield `(dotted key, type text, default, docstring, is_section)` for every field, depth first."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield key, "section", None, docs.get(f.name, ""), True
+            yield from iter_options(hint, key + ".")
+        else:
+            yield key, _type_text(hint), getattr(instance, f.name), docs.get(f.name, ""), False
+
+
+def describe_options(width: int = 100) -> str:
+    """The option list shown by `migu run --help`: every key, its type, default and docstring."""
+    lines = []
+    for key, kind, default, doc, is_section in iter_options():
+        if is_section:
+            lines += ["", f"{key}:  {doc}"]
+            continue
+        lines.append(f"  {key} ({kind}, default: {_show(default)})")
+        lines += textwrap.wrap(doc, width=width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines).lstrip("\n")
+
+
+def _type_text(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union and type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        return " | ".join(_type_text(a) for a in inner) + " | null"
+    if origin in (list, tuple):
+        return f"list[{', '.join(_type_text(a) for a in args)}]" if args else "list"
+    return getattr(hint, "__name__", str(hint))
