@@ -78,9 +78,9 @@ class DataConfig:
     order: int = 1
     """Task order of the benchmark (1-3 standard, 4-6 long), from the data's orders.json."""
     tasks: Optional[list[str]] = None
-    """Explicit task names from the benchmark data, in training order; overrides benchmark/order."""
+    """Explicit task names from the benchmark data, in training order; overrides benchmark/order (and a stream set by an earlier layer)."""
     stream: Optional[str] = None
-    """Custom stream YAML (see migu.data.custom); overrides benchmark/order. Not with `tasks`."""
+    """Custom stream YAML (see migu.data.custom); overrides benchmark/order (and tasks set by an earlier layer)."""
     data_dir: Optional[str] = None
     """CL_Benchmark directory; null: migu.data.default_data_dir() ($MIGU_DATA_DIR, else ../shared/data/CL_Benchmark next to the checkout, else ./data/CL_Benchmark)."""
     train_per_task: int = 64
@@ -297,12 +297,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if name is not None:
             merged.name = name
         for layer in layers:
+            _one_task_source(merged, layer)
             merged = OmegaConf.merge(merged, layer)
         _check_method_sections(merged, layers)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _from_omegaconf(err) from None
     return cfg.validate()
+
+
+def _one_task_source(merged, layer) -> None:
+    """A layer that names data.tasks or data.stream replaces the other source set by an earlier layer."""
+    data = layer.get("data") if OmegaConf.is_dict(layer) else None
+    if not OmegaConf.is_dict(data):
+        return
+    for key, other in (("tasks", "stream"), ("stream", "tasks")):
+        if data.get(key) is not None and other not in data:
+            merged.data[other] = None
 
 
 def _check_method_sections(merged, layers) -> None:
@@ -393,7 +404,8 @@ def describe_options(width: int = 100) -> str:
             lines += ["", f"{key}:  {doc}"]
             continue
         lines.append(f"  {key} ({kind}, default: {_show(default)})")
-        lines += textwrap.wrap(doc, width=width, initial_indent="      ", subsequent_indent="      ")
+        lines += textwrap.wrap(doc, width=width, initial_indent="      ", subsequent_indent="      ",
+                               break_on_hyphens=False, break_long_words=False)
     return "\n".join(lines).lstrip("\n")
 
 

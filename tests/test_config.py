@@ -41,7 +41,7 @@ def test_precedence_defaults_yaml_set(tmp_path):
     (["eval.mode=fast"], "eval.mode=fast: must be 'generate' or 'rank'"),
     (["migu.enabled=maybe"], "migu.enabled: Value 'maybe' is not a valid bool"),
     (["data.tasks=[a,a]"], "data.tasks=[a, a]: names a task twice"),
-    (["method.name=foo"], "method.name=foo: unknown method; known: seq-ft, seq-lora"),
+    (["method.name=foo"], "method.name=foo: unknown method; known: "),
     (["method.name=seq-lora", "method.seq_lora.r=0"], "method.seq_lora.r=0: must be >= 1"),
     (["method.name=seq-lora", "method.seq_lora.r=x"], "method.seq_lora.r: Value 'x'"),
     (["method.seq_lora.r=4"], "method.seq_lora: options of another method; method.name is 'seq-ft'"),
@@ -135,3 +135,12 @@ def test_expected_configs_exist():
     assert {"quickstart.yaml", "smoke.yaml"} <= names
     assert {f"standard/order{i}.yaml" for i in (1, 2, 3)} <= names
     assert {f"long/order{i}.yaml" for i in (4, 5, 6)} <= names
+
+
+def test_a_later_task_source_replaces_an_earlier_one(tmp_path):
+    path = tmp_path / "q.yaml"
+    path.write_text("data: {tasks: [dbpedia, SST-2]}\n")
+    cfg = load_config(path, ["data.stream=my_stream.yaml"])
+    assert cfg.data.stream == "my_stream.yaml" and cfg.data.tasks is None
+    with pytest.raises(ConfigError, match="set either data.tasks or data.stream"):
+        load_config(None, ["data.stream=s.yaml", "data.tasks=[a]"])  # both in one layer: ambiguous

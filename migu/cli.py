@@ -1,0 +1,144 @@
+"""The `migu` command line.
+
+    migu run                                    # == migu run configs/quickstart.yaml
+    migu run configs/standard/order1.yaml --set migu.enabled=true --set seed=1
+    migu run --resume runs/order1-seq-ft-migu-s0
+    migu run --help                             # every option, its default and its docstring
+
+Bad input (config, data, model path, run directory) ends with one line on stderr and exit code 2,
+never a traceback, and never after deleting anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from migu.config import ConfigError, describe_options, load_config
+
+# The subcommands besides `run`: name → (module, one-line help). Each module defines
+# `add_arguments(parser)` and `main(args) -> int`; importing it happens only when it is listed here.
+# Add a line here for: report (migu.report), compare, sweep, magnitudes (issue 7).
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+}
+
+
+def _repo_configs() -> Path:
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def default_config() -> Path:
+    """configs/quickstart.yaml of the checkout (or of the working directory)."""
+    for candidate in (_repo_configs() / "quickstart.yaml", Path("configs") / "quickstart.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError("no config file given and configs/quickstart.yaml not found; pass a config file")
+
+
+# ------------------------------------------------------------------------------------------ migu run
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML config file (default: configs/quickstart.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one option (dotted key, YAML value), e.g. --set migu.threshold=0.5; "
+                             "repeatable; applied after the config file")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue RUN_DIR after its last finished task, with its saved config.yaml")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing run directory (otherwise an existing one is an error)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+
+
+RUN_EPILOG = """\
+Options (config keys; set them in the YAML file or with --set KEY=VALUE):
+
+{options}
+
+Precedence: defaults < config file < --set. Method options live under method.<method name with _>
+(e.g. method.seq_lora.r) and only the chosen method's section may be set.
+Output: the run directory holds config.yaml, state.json, metrics.jsonl, accuracy_matrix.csv,
+summary.json and checkpoints/last (see docs/architecture.md)."""
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from migu.train import format_comparison, format_matrix, run
+
+    if args.resume:
+        if args.config or args.overrides or args.overwrite:
+            raise ConfigError("--resume continues a run with its saved config.yaml; "
+                              "don't pass a config file, --set or --overwrite with it")
+        run_dir = Path(args.resume)
+        cfg = load_config(_saved_config(run_dir))
+        result = run(cfg, resume=True, output_dir=str(run_dir), quiet=args.quiet)
+    else:
+        cfg = load_config(args.config or default_config(), args.overrides)
+        result = run(cfg, overwrite=args.overwrite, quiet=args.quiet)
+    print(format_comparison(result) if "runs" in result else format_matrix(result))
+    where = result.get("path") or cfg.output_dir or ""
+    if where:
+        print(f"run directory: {where}")
+    return 0
+
+
+def _saved_config(run_dir: Path) -> Path:
+    from migu.rundir import CONFIG, RunDirError
+
+    if not (run_dir / CONFIG).is_file():
+        raise RunDirError(f"cannot resume {run_dir}: not a migu run directory (no {CONFIG})")
+    return run_dir / CONFIG
+
+
+# ------------------------------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="migu", description="Continual learning of language models with MIGU.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run_parser = sub.add_parser(
+        "run", help="train a model on a task sequence and evaluate it after every task",
+        description="Train a model on a sequence of tasks with a continual-learning method (optionally with "
+                    "MIGU), evaluate every task after every task, and write the accuracy matrix and metrics.",
+        epilog=RUN_EPILOG.format(options=describe_options()), formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(run_parser)
+    run_parser.set_defaults(func=cmd_run)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(func=module.main)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input: reported as one line, exit code 2."""
+    from migu.data import DataError
+    from migu.models import ModelError
+    from migu.rundir import RunDirError
+
+    return ConfigError, DataError, ModelError, RunDirError
+
+
+_PREFIX = {"ConfigError": "config error", "DataError": "data error", "ModelError": "model error",
+           "RunDirError": "run directory error"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `migu` script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    errors = _user_errors()
+    try:
+        return args.func(args)
+    except errors as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"{_PREFIX.get(type(err).__name__, 'error')}: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; continue with: migu run --resume <run directory>", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Accuracy of a model on a task's test split: greedy generation + exact match, or label ranking.
+
+Scoring rule (mode "generate"): the model greedily generates up to `max_new_tokens` tokens after the
+prompt; the prediction is the decoded text up to its first newline. Prediction and label are both
+normalised — surrounding whitespace stripped, lowercased, runs of whitespace collapsed to one space,
+trailing punctuation (`.,;:!?`) removed — and the example is correct when they are equal.
+
+Mode "rank": for every label the summed log-likelihood of `" " + label + eos` after the prompt (the
+training target) is computed; the highest-scoring label is the prediction (ties: the first label in
+the task's label order); correct when it is the example's label (compared after normalisation).
+
+Both modes run under `torch.no_grad()` with `model.eval()` and restore the previous train/eval mode;
+examples are sorted by length and batched (left padding for generation, right padding for ranking).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from migu.data import IGNORE_INDEX, DataError, Example, Task, collate, encode, encode_prompts
+
+_TRAILING_PUNCT = ".,;:!?"
+
+
+def normalize(text: str) -> str:
+    """Strip, lowercase, collapse whitespace, drop trailing punctuation: `" Sports.\\n"` → `"sports"`."""
+    text = re.sub(r"\s+", " ", text.strip().lower())
+    return text.rstrip(_TRAILING_PUNCT).strip()
+
+
+def extract_answer(generated: str) -> str:
+    """The generated text up to the first newline (the answer line)."""
+    return generated.split("\n", 1)[0]
+
+
+def is_correct(prediction: str, label: str) -> bool:
+    """Exact match after `normalize` on both sides."""
+    return normalize(prediction) == normalize(label)
+
+
+@dataclass
+class TaskResult:
+    """One task's evaluation: accuracy in percent, counts, and a few (prediction, label) samples."""
+
+    task: str
+    accuracy: float
+    correct: int
+    n: int
+    samples: list = field(default_factory=list)
+
+
+def default_max_new_tokens(tokenizer, labels: Sequence[str]) -> int:
+    """The longest label's token count (with its leading space) + 2 (the newline or eos, one spare)."""
+    ids = tokenizer([" " + label for label in labels], add_special_tokens=False)["input_ids"]
+    return max(len(x) for x in ids) + 2
+
+
+def evaluate_task(model, tokenizer, task: Task, mode: str = "generate", batch_size: int = 16,
+                  max_length: int = 128, max_new_tokens: int | None = None, n_samples: int = 3,
+                  on_batch: Callable[[float], None] | None = None) -> TaskResult:
+    """Accuracy (percent) of `model` on `task.test`; see the module docstring for the rule.
+
+    Args:
+        on_batch: called after each batch with the number of examples it covered (progress bars).
+    Raises:
+        DataError: the task has no test examples.
+    """
+    if not task.test:
+        raise DataError(f"task {task.name!r} has no test examples")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if mode == "generate":
+                predictions = _generate(model, tokenizer, task, batch_size, max_length, max_new_tokens, on_batch)
+            elif mode == "rank":
+                predictions = _rank(model, tokenizer, task, batch_size, max_length, on_batch)
+            else:
+                raise ValueError(f"eval mode must be 'generate' or 'rank', got {mode!r}")
+    finally:
+        model.train(was_training)
+    correct = sum(is_correct(p, ex.target) for p, ex in zip(predictions, task.test))
+    samples = [[p, ex.target] for p, ex in list(zip(predictions, task.test))[:n_samples]]
+    return TaskResult(task.name, 100.0 * correct / len(task.test), correct, len(task.test), samples)
+
+
+def evaluate_tasks(model, tokenizer, tasks: Sequence[Task], **kwargs) -> list[TaskResult]:
+    """`evaluate_task` on every task, in order (keyword arguments as there)."""
+    return [evaluate_task(model, tokenizer, task, **kwargs) for task in tasks]
+
+
+def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))  # longest first: memory peaks early
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _generate(model, tokenizer, task, batch_size, max_length, max_new_tokens, on_batch) -> list[str]:
+    from transformers import GenerationConfig
+
+    max_new = max_new_tokens or default_max_new_tokens(tokenizer, task.labels)
+    # the prompt budget matches training's: max_length minus the longest target (label tokens + eos)
+    budget = max(8, max_length - (default_max_new_tokens(tokenizer, task.labels) - 1))
+    items = encode_prompts(tokenizer, [ex.prompt for ex in task.test], budget)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config = GenerationConfig(max_new_tokens=max_new, do_sample=False, num_beams=1, pad_token_id=pad,
+                              eos_token_id=tokenizer.eos_token_id)
+    predictions = [""] * len(items)
+    for index in _batches([len(x["input_ids"]) for x in items], batch_size):
+        batch = collate([items[i] for i in index], pad, padding_side="left")
+        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             generation_config=config)
+        texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        for i, text in zip(index, texts):
+            predictions[i] = extract_answer(text)
+        if on_batch:
+            on_batch(len(index))
+    return predictions
+
+
+def sequence_logprobs(model, batch: dict) -> torch.Tensor:
+    """Summed log-probability of the labelled tokens (`labels != -100`) of each row of a right-padded batch."""
+    target = batch["labels"][:, 1:]
+    keep = (target != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # only positions that predict a label token
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                   logits_to_keep=keep).logits
+    target = target[:, keep]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (picked * (target != IGNORE_INDEX)).sum(1)
+
+
+def _rank(model, tokenizer, task, batch_size, max_length, on_batch) -> list[str]:
+    pairs = [(e, label) for e in range(len(task.test)) for label in task.labels]
+    items = encode(tokenizer, [Example(task.test[e].prompt, label) for e, label in pairs], max_length)
+    scores = torch.empty(len(items), dtype=torch.float64)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for index in _batches([len(x["input_ids"]) for x in items], batch_size):
+        batch = collate([items[i] for i in index], pad, padding_side="right")
+        scores[index] = sequence_logprobs(model, batch).double()
+        if on_batch:
+            on_batch(len(index) / len(task.labels))
+    per_example = scores.view(len(task.test), len(task.labels))
+    return [task.labels[int(i)] for i in per_example.argmax(1)]  # argmax: first label on ties

@@ -1,0 +1,469 @@
+"""The one continual-learning loop, shared by every method.
+
+    run(cfg)                     # one run into cfg.output_dir (or its default)
+    run(cfg, resume=True)        # continue after the last finished task of an existing run directory
+
+Per phase (one task for sequential methods): reseed from (seed, phase) → `method.before_task` → steps
+(forward, answer-token loss + `method.extra_loss`, backward, `MIGU.mask_gradients`, clip, AdamW step,
+`MIGU.reset`, `method.after_step`) → `method.after_task` → evaluate every task → one row of the accuracy
+matrix → checkpoint (atomic) → state.json. The loop never branches on a method's name.
+
+Loss: the summed token NLL of the answer tokens (prompt tokens are labelled -100) of every micro-batch
+of an optimizer step, divided by the number of answer tokens in the whole step, so `grad_accum`
+micro-batches give the same gradient as one batch of their union.
+
+Resume is exact: a checkpoint holds the trained parameters, the method's state and the rows so far;
+every phase reseeds torch/random/numpy from (seed, phase) and builds a fresh optimizer, so a resumed
+run repeats the uninterrupted one bit for bit (on the same machine and thread count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from migu.config import RunConfig, to_yaml
+from migu.core import MIGU
+from migu.data import (IGNORE_INDEX, collate, encode, length_grouped_batches, load_benchmark_task,
+                       load_custom_stream, resolve_order)
+from migu.evaluate import evaluate_task
+from migu.methods import Context, get_method
+from migu.metrics import summarize
+from migu.models import load_model_and_tokenizer
+from migu.rundir import RunDir, RunDirError
+
+__all__ = ["run", "load_tasks", "step_loss", "seed_everything", "phase_seed"]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def seed_everything(seed: int) -> None:
+    """Seed torch, random and numpy."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def phase_seed(seed: int, index: int) -> int:
+    """The seed of phase `index` of a run with `seed` (distinct per phase, reproducible on resume)."""
+    return (seed * 1_000_003 + 7919 * (index + 1)) % 2**31
+
+
+def load_tasks(cfg: RunConfig) -> list:
+    """The run's task stream (raises DataError naming the file/record/field on bad data)."""
+    d = cfg.data
+    seed = d.seed if d.seed is not None else cfg.seed
+    n_train, n_test = d.train_per_task or None, d.test_per_task or None
+    if d.stream is not None:
+        return load_custom_stream(d.stream, n_train, n_test, seed)
+    names = d.tasks if d.tasks is not None else resolve_order(d.data_dir, d.benchmark, d.order)
+    return [load_benchmark_task(d.data_dir, name, n_train, n_test, seed) for name in names]
+
+
+def provenance() -> dict:
+    """Git commit of the code and versions of the packages that decide the numbers."""
+    import peft
+    import transformers
+
+    import migu
+
+    commit = None
+    try:
+        root = Path(__file__).resolve().parent.parent
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        if commit and dirty:
+            commit += "-dirty"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"git_commit": commit, "versions": {
+        "migu": migu.__version__, "python": sys.version.split()[0], "torch": str(torch.__version__),
+        "transformers": str(transformers.__version__), "peft": str(peft.__version__), "numpy": str(np.__version__)}}
+
+
+def _absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Make relative file paths absolute so config.yaml resumes from any working directory."""
+    def absolute(value):
+        return str(Path(value).expanduser().resolve()) if value is not None else None
+
+    data = dataclasses.replace(cfg.data, stream=absolute(cfg.data.stream), data_dir=absolute(cfg.data.data_dir))
+    model = cfg.model
+    if Path(model.name).expanduser().exists():
+        model = dataclasses.replace(model, name=absolute(model.name))
+    return dataclasses.replace(cfg, data=data, model=model)
+
+
+def step_loss(model, micro_batches: list[dict], method=None, needs_hidden_states: bool = False):
+    """Forward + backward of one optimizer step's micro-batches; returns (token-mean NLL, extra loss).
+
+    Each micro-batch contributes `sum NLL(answer tokens) / N` with N the step's total answer tokens,
+    plus `method.extra_loss(...) * n_mb / N`. Only positions that predict an answer token go through
+    the LM head (`logits_to_keep`), which saves most of its cost.
+    """
+    total = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+    if total == 0:
+        raise ValueError("an optimizer step has no answer tokens (every label is -100)")
+    nll_sum, extra_sum = 0.0, 0.0
+    for batch in micro_batches:
+        target = batch["labels"][:, 1:]
+        keep = (target != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+        kwargs = {"output_hidden_states": True} if needs_hidden_states else {}
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                        logits_to_keep=keep, **kwargs)
+        logits = outputs.logits
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target[:, keep].reshape(-1),
+                              ignore_index=IGNORE_INDEX, reduction="sum")
+        loss = nll / total
+        extra = method.extra_loss(model, batch, outputs) if method is not None else None
+        if extra is not None:
+            n_mb = int((target != IGNORE_INDEX).sum())
+            extra = extra * (n_mb / total)
+            loss = loss + extra
+            extra_sum += float(extra.detach())
+        loss.backward()
+        nll_sum += float(nll.detach())
+    return nll_sum / total, extra_sum
+
+
+def _plan_steps(items: list[dict], train, seed: int, epoch: int) -> list[list[list[int]]]:
+    """Index lists per micro-batch, grouped `grad_accum` per optimizer step; deterministic for a seed."""
+    if train.group_by_length:
+        batches = length_grouped_batches([len(x["input_ids"]) for x in items], train.batch_size, seed + epoch)
+    else:
+        order = list(range(len(items)))
+        random.Random(seed + epoch).shuffle(order)
+        batches = [order[i:i + train.batch_size] for i in range(0, len(order), train.batch_size)]
+    return [batches[i:i + train.grad_accum] for i in range(0, len(batches), train.grad_accum)]
+
+
+def _saved_parameters(model, base_ids: set[int]) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds: parameters the method added (adapters) and every trainable one."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad or id(p) not in base_ids}
+
+
+def _load_parameters(model, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n in tensors if n not in params]
+    if missing:
+        raise RunDirError(f"{where}: checkpoint parameter {missing[0]!r} is not in the model; "
+                          f"was the run made with another method or model?")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+
+
+class _Printer:
+    """Progress bars and one line per phase on stderr (quiet: nothing)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def line(self, text: str) -> None:
+        if not self.quiet:
+            tqdm.write(text, file=sys.stderr)
+
+    def bar(self, total, desc: str):
+        return tqdm(total=total, desc=desc, leave=False, disable=self.quiet or None, file=sys.stderr,
+                    dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------------------------------ one run
+def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, output_dir: Optional[str] = None,
+        quiet: bool = False, r0: Optional[list[float]] = None) -> dict:
+    """Train and evaluate one configuration; returns the summary (also written to summary.json).
+
+    With `cfg.compare_migu` it runs both MIGU settings (see `run_comparison`) and returns
+    `{"runs": {"no-migu": summary, "migu": summary}}`.
+
+    Args:
+        resume: continue the run directory `output_dir` after its last finished phase.
+        overwrite: replace an existing run directory (only one that holds a migu run).
+        output_dir: overrides `cfg.output_dir` (default: `cfg.default_output_dir()`).
+        quiet: no progress bars or status lines.
+        r0: the untrained model's accuracies when already known (shared by compare_migu).
+    Raises:
+        ConfigError, DataError, ModelError, RunDirError: bad input, before anything is overwritten.
+    """
+    cfg.validate()
+    path = Path(output_dir or cfg.output_dir or cfg.default_output_dir())
+    if cfg.compare_migu:
+        return run_comparison(cfg, path, resume=resume, overwrite=overwrite, quiet=quiet)
+    if resume:
+        RunDir.open(path)  # fail early, before loading data and model
+    elif path.is_dir() and any(path.iterdir()) and not overwrite:
+        RunDir.create(path, overwrite=False)  # raises the "already exists" error
+    return _Run(cfg, path, resume, overwrite, quiet, r0).execute()
+
+
+class _Run:
+    def __init__(self, cfg: RunConfig, path: Path, resume: bool, overwrite: bool, quiet: bool, r0):
+        self.cfg, self.path, self.resume, self.overwrite, self.r0 = cfg, path, resume, overwrite, r0
+        self.out = _Printer(quiet)
+
+    # --------------------------------------------------------------------------------- setup
+    def _setup(self):
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        method_cls = get_method(cfg.method.name)
+        self.method = method_cls(cfg.method_options)
+        self.tasks = load_tasks(cfg)  # bad data fails here, before the run directory is touched
+        self.task_names = [t.name for t in self.tasks]
+        self.phases = self.method.phases(self.tasks)
+        self.lr = cfg.train.lr if cfg.train.lr is not None else self.method.default_lr
+        seed_everything(cfg.seed)
+        model, self.tokenizer = load_model_and_tokenizer(cfg.model.name)
+        self.base_ids = {id(p) for p in model.parameters()}
+        self.model = self.method.setup(model)
+        self.model.train()
+        if self.resume:
+            self.rd = RunDir.open(self.path)
+            self.rd.clean_temporaries()
+        else:
+            self.rd = RunDir.create(self.path, overwrite=self.overwrite)
+            self.cfg = cfg = _absolute_paths(dataclasses.replace(cfg, output_dir=str(self.path)))
+            self.rd.write_config(to_yaml(cfg, provenance()))
+        self.ctx = Context(model=self.model, tokenizer=self.tokenizer, tasks=self.tasks, encode=self._encode,
+                           seed=cfg.seed, log=self.rd.log)
+
+    def _encode(self, examples):
+        return encode(self.tokenizer, examples, self.cfg.data.max_length)
+
+    def _restore(self) -> tuple[int, Optional[list], list, float]:
+        """(finished phases, r0, rows, elapsed seconds) from the checkpoint and state.json."""
+        state = self.rd.read_state() or {}
+        if state and state.get("tasks") not in (None, self.task_names):
+            raise RunDirError(f"{self.path}: its tasks {state['tasks']} differ from the config's {self.task_names}")
+        finished, rows, elapsed = 0, [], float(state.get("elapsed_s", 0.0))
+        r0 = state.get("r0")
+        ckpt = self.rd.load_checkpoint() if self.resume else None
+        if ckpt is not None:
+            tensors, method_state, meta = ckpt
+            self.method.load_state_dict(method_state)  # before the weights: it may recreate adapters
+            _load_parameters(self.model, tensors, self.path / "checkpoints" / "last")
+            finished, rows, r0 = meta["finished_tasks"], meta["rows"], meta.get("r0", r0)
+            elapsed = float(meta.get("elapsed_s", elapsed))
+        elif self.resume and state.get("finished_tasks"):
+            self.out.line(f"{self.path}: no checkpoint (train.checkpoint false?); restarting from the first task")
+        # drop records of work the kill lost: phases not checkpointed, an r0 evaluation not saved
+        self.rd.keep_metrics(lambda r: r.get("stage", 0) < finished and (r.get("stage", 0) >= 0 or r0 is not None))
+        return finished, r0, rows, elapsed
+
+    # --------------------------------------------------------------------------------- the run
+    def execute(self) -> dict:
+        threads = torch.get_num_threads()
+        try:
+            return self._execute()
+        finally:
+            torch.set_num_threads(threads)  # a library call must not change the caller's setting
+
+    def _execute(self) -> dict:
+        self._setup()
+        started = time.time()
+        finished, r0, rows, elapsed = self._restore() if self.resume else (0, None, [], 0.0)
+        row_names = [name for name, _ in self.phases]
+        if r0 is None and self.r0 is not None:
+            r0 = list(self.r0)
+            for name, acc in zip(self.task_names, r0):
+                self.rd.log({"type": "eval", "stage": -1, "after_task": "untrained", "task": name, "accuracy": acc,
+                             "shared": True})
+        if r0 is None and self.cfg.eval.untrained:
+            r0 = self._evaluate(-1, "untrained")
+        self._save_state(finished, r0, rows, elapsed + time.time() - started, "running")
+        for index in range(finished, len(self.phases)):
+            name, phase_tasks = self.phases[index]
+            self._train_phase(index, name, phase_tasks)
+            rows.append(self._evaluate(index, name))
+            total = elapsed + time.time() - started
+            if self.cfg.train.checkpoint:
+                tensors = _saved_parameters(self.model, self.base_ids)
+                self.rd.save_checkpoint(tensors, self.method.state_dict(), {
+                    "finished_tasks": index + 1, "rows": rows, "r0": r0, "row_names": row_names[:index + 1],
+                    "elapsed_s": total})
+            self._save_state(index + 1, r0, rows, total, "running")
+        total = elapsed + time.time() - started
+        summary = self._summary(r0, rows, total)
+        self.rd.write_summary(summary)
+        self._save_state(len(self.phases), r0, rows, total, "done")
+        return summary
+
+    def _save_state(self, finished, r0, rows, elapsed, status) -> None:
+        row_names = [name for name, _ in self.phases][:len(rows)]
+        self.rd.write_state({"tasks": self.task_names, "finished_tasks": finished, "r0": r0, "rows": rows,
+                             "row_names": row_names, "phases": [name for name, _ in self.phases],
+                             "status": status, "elapsed_s": round(elapsed, 3)})
+        self.rd.write_matrix(self.task_names, r0, rows, row_names)
+
+    def _train_phase(self, index: int, name: str, phase_tasks: list) -> None:
+        cfg, method, model = self.cfg, self.method, self.model
+        seed = phase_seed(cfg.seed, index)
+        seed_everything(seed)
+        method.before_task(index, phase_tasks, self.ctx)
+        params = method.trainable_parameters(model)
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=cfg.train.weight_decay)
+        migu = None
+        if cfg.migu.enabled:
+            targets = cfg.migu.target_modules or method.migu_target_modules()
+            migu = MIGU(model, threshold=cfg.migu.threshold, target_modules=targets, mode=cfg.migu.mode)
+        items = self._encode([ex for task in phase_tasks for ex in task.train])
+        plans = [_plan_steps(items, cfg.train, seed, epoch) for epoch in range(cfg.train.epochs)]
+        n_steps = sum(len(p) for p in plans)
+        pad = self.tokenizer.pad_token_id
+        model.train()
+        step, losses, t0 = 0, [], time.time()
+        bar = self.out.bar(n_steps, f"train {index + 1}/{len(self.phases)} {name}")
+        try:
+            for epoch, plan in enumerate(plans):
+                for micro in plan:
+                    step += 1
+                    batches = [collate(method.mix_batch([items[i] for i in ix], step), pad) for ix in micro]
+                    loss, extra = step_loss(model, batches, method, method.needs_hidden_states)
+                    record = {"type": "train", "stage": index, "task": name, "epoch": epoch, "step": step,
+                              "loss": loss, "tokens": sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)}
+                    if extra:
+                        record["extra_loss"] = extra
+                    if migu is not None:
+                        masks = migu.mask_gradients()
+                        if masks:  # fraction of gradient rows kept over all targeted layers
+                            kept = sum(int(m.sum()) for m in masks.values())
+                            record["migu_kept"] = kept / sum(m.numel() for m in masks.values())
+                    if cfg.train.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if migu is not None:
+                        migu.reset()
+                    method.after_step(step)
+                    self.rd.log(record)
+                    losses.append(loss)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.3f}")
+        finally:
+            bar.close()
+            if migu is not None:
+                migu.remove()
+        method.after_task(index, phase_tasks, self.ctx)
+        mean = sum(losses) / max(1, len(losses))
+        self.out.line(f"trained {name} ({index + 1}/{len(self.phases)}): {step} steps, mean loss {mean:.4f}, "
+                      f"{time.time() - t0:.0f}s")
+
+    def _evaluate(self, stage: int, after: str) -> list[float]:
+        e = self.cfg.eval
+        total = sum(len(t.test) for t in self.tasks)
+        bar = self.out.bar(total, f"eval after {after}")
+        t0 = time.time()
+        row = []
+        try:
+            with self.method.eval_context(self.model):
+                for task in self.tasks:
+                    result = evaluate_task(self.model, self.tokenizer, task, mode=e.mode, batch_size=e.batch_size,
+                                           max_length=self.cfg.data.max_length, max_new_tokens=e.max_new_tokens,
+                                           on_batch=bar.update)
+                    row.append(result.accuracy)
+                    self.rd.log({"type": "eval", "stage": stage, "after_task": after, "task": task.name,
+                                 "accuracy": result.accuracy, "correct": result.correct, "n": result.n,
+                                 "samples": result.samples})
+        finally:
+            bar.close()
+        self.model.train()
+        cells = "  ".join(f"{n} {a:.1f}" for n, a in zip(self.task_names, row))
+        self.out.line(f"eval after {after}: {cells}  ({time.time() - t0:.0f}s)")
+        return row
+
+    def _summary(self, r0, rows, wall) -> dict:
+        mtl = len(self.phases) == 1 and len(self.tasks) > 1
+        metrics = summarize(rows, r0, mtl=mtl)
+        prov = provenance()
+        return {
+            "aa": metrics["aa"], "bwt": metrics["bwt"], "fwt": metrics["fwt"], "forgetting": metrics["forgetting"],
+            "tasks": self.task_names, "row_names": [name for name, _ in self.phases], "matrix": rows, "r0": r0,
+            "diagonal": metrics["diagonal"], "method": self.cfg.method.name,
+            "method_options": dataclasses.asdict(self.cfg.method_options), "lr": self.lr,
+            "migu": dataclasses.asdict(self.cfg.migu), "seed": self.cfg.seed, "model": self.cfg.model.name,
+            "wall_time_s": round(wall, 1), "git_commit": prov["git_commit"], "versions": prov["versions"],
+        }
+
+
+# ------------------------------------------------------------------------------------------ compare
+COMPARE_RUNS = ("no-migu", "migu")
+
+
+def run_comparison(cfg: RunConfig, path: Path, *, resume: bool = False, overwrite: bool = False,
+                   quiet: bool = False) -> dict:
+    """`compare_migu`: the same run without and with MIGU into `<path>/no-migu` and `<path>/migu`.
+
+    The untrained evaluation is computed once (by the first run) and shared: the base model, data and
+    evaluation are identical. Resuming continues whichever sub-run is unfinished.
+    """
+    if resume:
+        parent = RunDir.open(path)
+    else:
+        if path.is_dir() and any(path.iterdir()) and not overwrite:
+            RunDir.create(path, overwrite=False)
+        # validate the data and the sub-configs before deleting anything
+        load_tasks(cfg)
+        parent = RunDir.create(path, overwrite=overwrite)
+        parent.write_config(to_yaml(_absolute_paths(dataclasses.replace(cfg, output_dir=str(path))), provenance()))
+    summaries, r0 = {}, None
+    for sub, enabled in zip(COMPARE_RUNS, (False, True)):
+        sub_cfg = dataclasses.replace(cfg, compare_migu=False, output_dir=str(path / sub),
+                                      migu=dataclasses.replace(cfg.migu, enabled=enabled))
+        rd = RunDir(path / sub)
+        state = rd.read_state() if RunDir.is_run_dir(rd.path) else None
+        if state is not None and state.get("status") == "done" and rd.read_summary() is not None:
+            summaries[sub] = rd.read_summary()
+        else:
+            if not quiet:
+                tqdm.write(f"== {sub}: {path / sub}", file=sys.stderr)
+            summaries[sub] = _Run(sub_cfg, rd.path, RunDir.is_run_dir(rd.path), False, quiet, r0).execute()
+        r0 = r0 or summaries[sub].get("r0")
+    result = {"runs": summaries, "path": str(path)}
+    parent.write_json("comparison.json", {k: {m: v.get(m) for m in ("aa", "bwt", "fwt", "forgetting", "wall_time_s")}
+                                          for k, v in summaries.items()})
+    return result
+
+
+# ------------------------------------------------------------------------------------------ tables
+def _num(x, width=7) -> str:
+    return f"{x:>{width}.1f}" if isinstance(x, (int, float)) else f"{'-':>{width}}"
+
+
+def format_matrix(summary: dict) -> str:
+    """The accuracy matrix (rows: untrained + one per phase) and AA/BWT/FWT/forgetting as text."""
+    tasks = summary["tasks"]
+    width = max([len(t) for t in tasks] + [7]) + 1
+    label_w = max([len("after " + n) for n in summary["row_names"]] + [len("untrained")]) + 1
+    lines = ["accuracy (%)".ljust(label_w) + "".join(t.rjust(width) for t in tasks)]
+    if summary.get("r0") is not None:
+        lines.append("untrained".ljust(label_w) + "".join(_num(x, width) for x in summary["r0"]))
+    for name, row in zip(summary["row_names"], summary["matrix"]):
+        lines.append(f"after {name}".ljust(label_w) + "".join(_num(x, width) for x in row))
+    lines.append("  ".join(f"{k.upper() if k != 'forgetting' else k} {_num(summary.get(k), 0).strip()}"
+                           for k in ("aa", "bwt", "fwt", "forgetting")) + f"   ({summary.get('wall_time_s', 0):.0f}s)")
+    return "\n".join(lines)
+
+
+def format_comparison(result: dict) -> str:
+    """Both matrices of a compare_migu run and their metrics side by side."""
+    runs = result["runs"]
+    parts = []
+    for sub, summary in runs.items():
+        migu = summary.get("migu", {})
+        title = f"MIGU (T={migu.get('threshold')}, {migu.get('mode')})" if migu.get("enabled") else "no MIGU"
+        parts += [f"== {title} [{sub}]", format_matrix(summary), ""]
+    names = list(runs)
+    parts.append("metric".ljust(12) + "".join(n.rjust(10) for n in names))
+    for key in ("aa", "bwt", "fwt", "forgetting", "wall_time_s"):
+        parts.append(key.ljust(12) + "".join(_num(runs[n].get(key), 10) for n in names))
+    return "\n".join(parts)
