@@ -1,0 +1,212 @@
+"""A run's pictures, drawn from its files only (headless: matplotlib's Agg canvas, no pyplot state).
+
+    write_run_plots("runs/quickstart-seq-ft-s0/no-migu")   # -> [plots/accuracy_matrix.png, ...]
+
+Written to `<run>/plots/`:
+    accuracy_matrix.png   heatmap, rows = stages (untrained, after task 1..T), columns = tasks, value in each cell
+    accuracy_curves.png   accuracy of each task across the stages (one line per task; a star where it is trained)
+    train_loss.png        training loss per optimizer step, coloured by phase (when metrics.jsonl has train records)
+    magnitude_*.png       from magnitudes/<task>.pt when two or more tasks were measured (see migu.report.magnitudes)
+
+Every figure has a fixed size in inches at `DPI`, so its PNG has a predictable pixel size
+(`figure_pixels(fig)`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+from matplotlib.figure import Figure
+
+from migu.report.rundata import Run, load_run
+
+DPI = 100
+PLOTS = "plots"
+_CMAP = "viridis"
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A figure not managed by pyplot (safe headless and in threads), with a constrained layout."""
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+def save(fig: Figure, path: str | Path) -> Path:
+    """Save `fig` as PNG at `DPI` (no tight bbox, so the pixel size is exactly the figure size)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, format="png")
+    return path
+
+
+def figure_pixels(fig: Figure) -> tuple[int, int]:
+    """(height, width) in pixels of the PNG `save` writes for `fig`."""
+    w, h = fig.get_size_inches()
+    return int(round(h * DPI)), int(round(w * DPI))
+
+
+def fmt_cell(value: Optional[float], digits: int = 1) -> str:
+    """Text drawn in a heatmap cell: `42.5`; `–` for a missing value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+# ------------------------------------------------------------------------------------------ heatmaps
+def heatmap(ax, values: Sequence[Sequence[Optional[float]]], row_labels: Sequence[str], col_labels: Sequence[str],
+            *, vmin: float, vmax: float, cmap: str = _CMAP, digits: int = 1, cbar_label: str = "",
+            annotate: Optional[bool] = None, fig: Optional[Figure] = None):
+    """Draw `values` (rows × cols; None = missing, shown grey with `–`) on `ax` with labels and a colorbar.
+
+    Cell texts are `fmt_cell(value, digits)`, in row-major order in `ax.texts`; they are drawn when
+    `annotate` is true (default: at most 400 cells).
+    """
+    import numpy as np
+
+    data = np.array([[np.nan if v is None else float(v) for v in row] for row in values], dtype=float)
+    masked = np.ma.masked_invalid(data)
+    cm = _colormap(cmap)
+    image = ax.imshow(masked, cmap=cm, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(len(col_labels)), labels=list(col_labels), rotation=35 if len(col_labels) > 3 else 0,
+                  ha="right" if len(col_labels) > 3 else "center")
+    ax.set_yticks(range(len(row_labels)), labels=list(row_labels))
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    n_rows, n_cols = data.shape if data.size else (len(row_labels), len(col_labels))
+    if annotate is None:
+        annotate = n_rows * n_cols <= 400
+    if annotate:
+        size = 9 if n_cols <= 6 else 7 if n_cols <= 12 else 6
+        for i in range(n_rows):
+            for j in range(n_cols):
+                v = data[i, j]
+                if np.isnan(v):
+                    color = "black"
+                else:
+                    r, g, b, _ = cm((v - vmin) / (vmax - vmin) if vmax > vmin else 0.5)
+                    color = "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.55 else "black"
+                ax.text(j, i, fmt_cell(None if np.isnan(v) else float(v), digits), ha="center", va="center",
+                        fontsize=size, color=color)
+    if fig is not None:
+        cbar = fig.colorbar(image, ax=ax, shrink=0.9)
+        if cbar_label:
+            cbar.set_label(cbar_label)
+    return image
+
+
+def _colormap(name: str):
+    import matplotlib
+
+    return matplotlib.colormaps[name].with_extremes(bad="#d9d9d9")
+
+
+def plot_accuracy_matrix(run: Run) -> Figure:
+    """Heatmap of the accuracy matrix: rows = stages (untrained, after each phase), columns = tasks."""
+    stages, tasks = run.stage_names, run.tasks
+    fig = new_figure(max(5.5, 1.0 * len(tasks) + 3.5), max(3.0, 0.45 * len(stages) + 1.8))
+    ax = fig.add_subplot()
+    heatmap(ax, run.matrix, stages, tasks, vmin=0.0, vmax=100.0, cbar_label="accuracy (%)", fig=fig)
+    ax.set_xlabel("evaluated on task")
+    ax.set_ylabel("model state")
+    ax.set_title(f"{run.label} — accuracy (%)\n{_metric_line(run)}", fontsize=10)
+    return fig
+
+
+def _metric_line(run: Run) -> str:
+    parts = []
+    for key, name in (("aa", "AA"), ("bwt", "BWT"), ("fwt", "FWT"), ("forgetting", "forgetting")):
+        value = run.metrics.get(key)
+        parts.append(f"{name} {value:.1f}" if isinstance(value, (int, float)) else f"{name} –")
+    status = "" if run.status == "done" else f"  [{run.status}: {len(run.rows)} phase(s) finished]"
+    return "   ".join(parts) + status
+
+
+# ------------------------------------------------------------------------------------------ curves
+def plot_accuracy_curves(run: Run) -> Figure:
+    """Accuracy of every task across the stages; a star marks the stage right after the task is trained."""
+    stages = run.stage_names
+    matrix = run.matrix
+    fig = new_figure(max(6.5, 0.8 * len(stages) + 4.0), 4.2)
+    ax = fig.add_subplot()
+    x = list(range(len(stages)))
+    colors = _task_colors(len(run.tasks))
+    offset = 1 if run.r0 is not None else 0
+    for j, task in enumerate(run.tasks):
+        ys = [row[j] if j < len(row) else None for row in matrix]
+        pts = [(xi, y) for xi, y in zip(x, ys) if y is not None]
+        if not pts:
+            continue
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=4, color=colors[j], label=task)
+        if task in run.row_names:  # the stage right after this task was trained
+            k = run.row_names.index(task) + offset
+            if k < len(ys) and ys[k] is not None:
+                ax.plot([k], [ys[k]], marker="*", markersize=13, color=colors[j], markeredgecolor="black",
+                        markeredgewidth=0.6, linestyle="none")
+    ax.set_xticks(x, labels=stages, rotation=30 if len(stages) > 4 else 0, ha="right" if len(stages) > 4 else "center")
+    ax.set_ylim(-2, 102)
+    ax.set_xlim(-0.3, max(len(stages) - 0.7, 0.3))
+    ax.set_xlabel("stage of the task sequence")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{run.label} — accuracy of each task across the sequence (★ = just trained)", fontsize=10)
+    ax.legend(title="task", loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    return fig
+
+
+def _task_colors(n: int):
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def plot_training_loss(run: Run, records: Optional[list[dict]] = None) -> Optional[Figure]:
+    """Training loss per optimizer step over the whole sequence, one colour per phase (None: no records)."""
+    records = run.training_losses() if records is None else records
+    if not records:
+        return None
+    fig = new_figure(8.0, 3.6)
+    ax = fig.add_subplot()
+    phases: dict = {}
+    for r in records:
+        phases.setdefault((r.get("stage", 0), r.get("task", "?")), []).append(float(r["loss"]))
+    colors = _task_colors(len(phases))
+    start = 0
+    for color, ((_, name), losses) in zip(colors, sorted(phases.items(), key=lambda kv: kv[0][0])):
+        xs = list(range(start, start + len(losses)))
+        ax.plot(xs, losses, color=color, linewidth=1.0, label=str(name))
+        if start:
+            ax.axvline(start - 0.5, color="grey", linewidth=0.6, linestyle=":")
+        start += len(losses)
+    ax.set_xlabel("optimizer step (over the whole sequence)")
+    ax.set_ylabel("loss (answer tokens)")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{run.label} — training loss", fontsize=10)
+    ax.legend(title="phase", loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------ a run
+def write_run_plots(run_dir: str | Path) -> list[Path]:
+    """Write every plot of a run directory into `<run_dir>/plots/`; returns the PNG paths written.
+
+    Reads accuracy_matrix.csv / summary.json (and metrics.jsonl, magnitudes/*.pt when present); needs no
+    model. Raises `ReportError` (one line naming the file) for a directory that is not a readable run.
+    """
+    run = load_run(run_dir)
+    out = run.path / PLOTS
+    written = [save(plot_accuracy_matrix(run), out / "accuracy_matrix.png"),
+               save(plot_accuracy_curves(run), out / "accuracy_curves.png")]
+    loss = plot_training_loss(run)
+    if loss is not None:
+        written.append(save(loss, out / "train_loss.png"))
+    mag_dir = run.path / "magnitudes"
+    if mag_dir.is_dir() and len(list(mag_dir.glob("*.pt"))) >= 2:
+        from migu.report.magnitudes import write_magnitude_plots
+
+        threshold = run.migu.get("threshold", 0.7)
+        written += write_magnitude_plots(mag_dir, out, threshold=float(threshold if threshold is not None else 0.7),
+                                         task_order=run.tasks, title=run.label)
+    return written
