@@ -1,0 +1,151 @@
+"""`i-lora`: interpolation-based LoRA, a dual-memory replay with a fast and a slow adapter.
+
+Differs from `seq-lora` (Ren et al., 2024, "Analyzing and Reducing Catastrophic Forgetting in
+Parameter Efficient Tuning"; reference code which47/LLMCL) in:
+- `setup`: two PEFT adapters on the same layers: `fast` (the only one trained, the only one MIGU
+  ranks) and `slow`, a copy of it that is never trained;
+- `after_step`: slow <- lam * slow + (1 - lam) * fast with lam = min(1 - 1/(step + 1), ema_max),
+  `step` counting optimizer steps over the whole run (so lam = 0 never happens after the first step);
+- `mix_batch` / `after_task`: its own reservoir replay of past training items (see `replay`);
+- `extra_loss`: on the replayed rows of a micro-batch, consistency_weight x the mean over transformer
+  layers of MSE(h_fast, max(h_fast, h_slow)) on the non-padding tokens' hidden states, h_slow from a
+  no-grad, dropout-free forward pass through the slow adapter (the embedding output, which no adapter
+  changes, is left out);
+- `eval_context`: evaluation runs with the slow adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+
+import torch
+
+from migu.methods.base import LoraOptions
+from migu.methods.inc_lora import lora_layers
+from migu.methods.replay import ReplayOptions, Reservoir, offer_tasks, replay_count
+from migu.methods.seq_lora import SeqLoRA
+
+
+@dataclass
+class ILoraOptions(ReplayOptions, LoraOptions):
+    """LoRA, replay and EMA settings of I-LoRA."""
+
+    ema_max: float = 0.25
+    """Largest EMA weight of the slow adapter: lam = min(1 - 1/(step+1), ema_max)."""
+    consistency_weight: float = 1.0
+    """Weight of the consistency loss MSE(h_fast, max(h_fast, h_slow)) on replayed rows."""
+
+    def validate(self, key: str) -> None:
+        LoraOptions.validate(self, key)
+        ReplayOptions.validate(self, key)
+        if not 0.0 <= self.ema_max < 1.0:
+            raise ValueError(f"{key}.ema_max={self.ema_max}: must be in [0, 1)")
+        if self.consistency_weight < 0:
+            raise ValueError(f"{key}.consistency_weight={self.consistency_weight}: must be >= 0")
+
+
+@contextlib.contextmanager
+def active_adapter(model, name: str):
+    """Route every LoRA layer through adapter `name` only, without changing any requires_grad flag.
+
+    PEFT's `set_adapter` also flips requires_grad, which must not happen in the middle of a training
+    step, so this sets the layers' active-adapter list (`_active_adapter`) directly and restores it.
+    """
+    layers = [m for _, m in lora_layers(model)]
+    saved = [m._active_adapter for m in layers]
+    try:
+        for m in layers:
+            m._active_adapter = [name]
+        yield
+    finally:
+        for m, s in zip(layers, saved):
+            m._active_adapter = s
+
+
+class ILoRA(SeqLoRA):
+    """I-LoRA: a trained fast adapter, an EMA slow adapter used at evaluation, replay + consistency loss."""
+
+    name = "i-lora"
+    Options = ILoraOptions
+    needs_hidden_states = True
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.model, self.buffer, self.step, self.replayed, self.pairs = None, None, 0, set(), []
+        self.rng = random.Random(0)
+
+    def setup(self, model):
+        from peft import LoraConfig, get_peft_model
+
+        o = self.options
+        config = LoraConfig(r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout,
+                            target_modules=list(o.target_modules), task_type="CAUSAL_LM")
+        self.model = get_peft_model(model, config, adapter_name="fast")
+        self.model.add_adapter("slow", config)
+        self.model.base_model.set_adapter("fast")  # fast active and trainable, slow inactive and frozen
+        self.pairs = [(getattr(layer, key)["slow"].weight, getattr(layer, key)["fast"].weight)
+                      for _, layer in lora_layers(self.model) for key in ("lora_A", "lora_B")]
+        with torch.no_grad():
+            for slow, fast in self.pairs:
+                slow.copy_(fast)
+        return self.model
+
+    def before_task(self, index, tasks, ctx):
+        if self.buffer is None:
+            self.buffer = Reservoir(self.options.capacity(ctx.tasks))
+        self.rng = random.Random(f"mix:{ctx.seed}:{index}")
+        self.replayed = {tuple(item["input_ids"]) for item in self.buffer.items}
+
+    def mix_batch(self, items, step):
+        if not self.buffer.items:
+            return items
+        return items + self.buffer.sample(replay_count(len(items), self.options.rate, self.rng), self.rng)
+
+    def ema_weight(self, step: int) -> float:
+        """lam of the EMA update after optimizer step `step` (1-based, counted over the whole run)."""
+        return min(1.0 - 1.0 / (step + 1), self.options.ema_max)
+
+    def after_step(self, step):
+        self.step += 1
+        lam = self.ema_weight(self.step)
+        with torch.no_grad():
+            for slow, fast in self.pairs:
+                slow.mul_(lam).add_(fast, alpha=1.0 - lam)
+
+    def extra_loss(self, model, batch, outputs):
+        if not self.replayed or not self.options.consistency_weight:
+            return None
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        rows = [r for r in range(ids.shape[0]) if tuple(ids[r][mask[r].bool()].tolist()) in self.replayed]
+        if not rows:
+            return None
+        ids, mask = ids[rows], mask[rows]
+        was_training = model.training
+        with torch.no_grad(), active_adapter(model, "slow"):
+            model.eval()
+            slow = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False,
+                         logits_to_keep=1).hidden_states
+            model.train(was_training)
+        weight = mask.unsqueeze(-1).to(slow[-1].dtype)
+        losses = []
+        for h_fast, h_slow in zip(outputs.hidden_states[1:], slow[1:]):
+            h_fast = h_fast[rows]
+            target = torch.maximum(h_fast.detach(), h_slow)
+            losses.append(((h_fast - target).pow(2) * weight).sum() / (weight.sum() * h_fast.shape[-1]))
+        return self.options.consistency_weight * torch.stack(losses).mean()
+
+    def after_task(self, index, tasks, ctx):
+        offer_tasks(self.buffer, index, tasks, ctx)
+
+    def eval_context(self, model):
+        return active_adapter(model, "slow")
+
+    def state_dict(self):
+        return {"step": self.step, "buffer": self.buffer.state_dict() if self.buffer is not None else None}
+
+    def load_state_dict(self, state):
+        self.step = int(state.get("step", 0))
+        if state.get("buffer") is not None:
+            self.buffer = Reservoir.from_state(state["buffer"])
