@@ -1,0 +1,167 @@
+"""`gere`: general-sample replay with a threshold-margin (TM) loss on the samples' hidden states.
+
+Differs from `seq-ft` (Zhang et al., 2025, "GeRe: Towards Efficient Anti-Forgetting in Continual
+Learning of LLM via General Samples Replay"; reference code Qznan/GeRe) in:
+- `before_task` (first phase only): reads a fixed set of general, non-task texts (`general_file`,
+  default the bundled `migu/assets/general_samples.jsonl`, described in `migu/assets/README.md`) and
+  runs the *base* model on them once: per hidden dimension d of the last hidden state, over every
+  token of every sample, mu_d and sigma_d give the band [lo, hi] = [mu - sigma, mu + sigma], and every
+  (sample, token, d) gets the base model's activation state: +1 above hi, -1 below lo, 0 inside.
+  Band and states are never recomputed; they live in `state_dict`, so they survive a resume.
+- `mix_batch`: general samples (LM loss on all their tokens) are appended to every micro-batch,
+  on average `rate` of its items, drawn uniformly from the fixed set.
+- `extra_loss`: tm_weight x the TM loss on those rows' last hidden states h, averaged over the
+  non-padding tokens and dimensions, a hinge that keeps each activation in its base state:
+      base inside the band:  relu(h - hi) + relu(lo - h)   (zero inside the band, positive outside)
+      base above hi:         relu(hi - h)                  (zero while h stays above hi)
+      base below lo:         relu(h - lo)
+  The reference code divides the summed hinge by the number of nonzero terms; migu takes the plain
+  mean, so its weight is not comparable with the reference's default of 100.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from migu.data import DataError, collate
+from migu.methods.replay import replay_count
+from migu.methods.seq_ft import SeqFT
+
+DEFAULT_GENERAL_FILE = Path(__file__).resolve().parent.parent / "assets" / "general_samples.jsonl"
+
+
+@dataclass
+class GereOptions:
+    """General-sample replay and the threshold-margin loss."""
+
+    general_file: Optional[str] = None
+    """JSON Lines file of general (non-task) texts, one {"text": ...} per line; null: the bundled migu/assets/general_samples.jsonl (about 200 short encyclopedic and how-to passages, see migu/assets/README.md)."""
+    max_samples: int = 0
+    """Use only the first max_samples texts of the file; 0 = all."""
+    max_tokens: int = 64
+    """Each general text is cut to this many tokens (eos included)."""
+    rate: float = 0.125
+    """Expected fraction of each micro-batch that is general samples: n task items get n*rate/(1-rate)."""
+    tm_weight: float = 1.0
+    """Weight of the threshold-margin loss on the general samples' last hidden states."""
+
+    def validate(self, key: str) -> None:
+        """Raise `ValueError` naming `key.<field>` for an invalid value."""
+        if self.general_file is not None and not Path(self.general_file).expanduser().is_file():
+            raise ValueError(f"{key}.general_file={self.general_file}: file not found")
+        if self.max_samples < 0:
+            raise ValueError(f"{key}.max_samples={self.max_samples}: must be >= 0 (0 = all)")
+        if self.max_tokens < 2:
+            raise ValueError(f"{key}.max_tokens={self.max_tokens}: must be >= 2")
+        if not 0.0 <= self.rate < 1.0:
+            raise ValueError(f"{key}.rate={self.rate}: must be in [0, 1)")
+        if self.tm_weight < 0:
+            raise ValueError(f"{key}.tm_weight={self.tm_weight}: must be >= 0")
+
+
+def read_general_texts(path: Path, limit: int = 0) -> list[str]:
+    """The "text" field of every line of a JSON Lines file (DataError names the file and line)."""
+    texts = []
+    for number, line in enumerate(Path(path).expanduser().read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(f"{path}: line {number}: expected a JSON object with a string field 'text'") from None
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{path}: line {number}: field 'text' must be a non-empty string")
+        texts.append(text)
+    if not texts:
+        raise DataError(f"{path}: no general texts")
+    return texts[:limit] if limit else texts
+
+
+def margin_loss(h: torch.Tensor, state: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Elementwise TM hinge of activations `h` given the base model's states (+1 / 0 / -1), same shape."""
+    inside = F.relu(h - hi) + F.relu(lo - h)
+    return torch.where(state == 0, inside, torch.where(state > 0, F.relu(hi - h), F.relu(h - lo)))
+
+
+class GeRe(SeqFT):
+    """Full fine-tuning with general-sample replay and a threshold-margin loss on their hidden states."""
+
+    name = "gere"
+    Options = GereOptions
+    needs_hidden_states = True
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.items: list[dict] = []  # encoded general samples
+        self.index: dict[tuple, int] = {}  # input_ids -> sample number, to find them in a batch
+        self.lo = self.hi = None
+        self.states: list[torch.Tensor] = []  # int8 [tokens, hidden] per sample
+        self.rng = random.Random(0)
+
+    def _encode(self, tokenizer) -> None:
+        path = self.options.general_file or DEFAULT_GENERAL_FILE
+        self.items = []
+        for text in read_general_texts(path, self.options.max_samples):
+            ids = tokenizer(text)["input_ids"][: self.options.max_tokens - 1] + [tokenizer.eos_token_id]
+            self.items.append({"input_ids": ids, "labels": list(ids)})
+        self.index = {tuple(item["input_ids"]): i for i, item in enumerate(self.items)}
+
+    @torch.no_grad()
+    def _base_statistics(self, model, pad_id: int) -> None:
+        was_training = model.training
+        model.eval()
+        hidden = []
+        for start in range(0, len(self.items), 16):
+            chunk = self.items[start:start + 16]
+            batch = collate(chunk, pad_id)
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        output_hidden_states=True, use_cache=False, logits_to_keep=1)
+            hidden += [out.hidden_states[-1][r, :len(item["input_ids"])].float() for r, item in enumerate(chunk)]
+        model.train(was_training)
+        tokens = torch.cat(hidden)
+        mu, sigma = tokens.mean(0), tokens.std(0, unbiased=False)
+        self.lo, self.hi = mu - sigma, mu + sigma
+        self.states = [((h >= self.hi).to(torch.int8) - (h <= self.lo).to(torch.int8)) for h in hidden]
+
+    def before_task(self, index, tasks, ctx):
+        if not self.items:
+            self._encode(ctx.tokenizer)
+        if self.lo is None:  # the first phase: the model is still the base model
+            self._base_statistics(ctx.model, ctx.tokenizer.pad_token_id)
+        if len(self.states) != len(self.items):
+            raise DataError(f"gere: the general file now has {len(self.items)} samples, the run's saved "
+                            f"statistics {len(self.states)}; use the file the run started with")
+        self.rng = random.Random(f"gere:{ctx.seed}:{index}")
+
+    def mix_batch(self, items, step):
+        k = replay_count(len(items), self.options.rate, self.rng)
+        return items + self.rng.sample(self.items, min(k, len(self.items)))
+
+    def extra_loss(self, model, batch, outputs):
+        if not self.options.tm_weight:
+            return None
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        found = [(r, self.index.get(tuple(ids[r][mask[r].bool()].tolist()))) for r in range(ids.shape[0])]
+        found = [(r, j) for r, j in found if j is not None]
+        if not found:
+            return None
+        h = outputs.hidden_states[-1]
+        losses = [margin_loss(h[r, :len(self.states[j])].float(), self.states[j], self.lo, self.hi).mean()
+                  for r, j in found]
+        return self.options.tm_weight * torch.stack(losses).mean()
+
+    def state_dict(self):
+        if self.lo is None:
+            return {}
+        return {"lo": self.lo, "hi": self.hi, "states": list(self.states)}
+
+    def load_state_dict(self, state):
+        if "lo" in state:
+            self.lo, self.hi, self.states = state["lo"], state["hi"], list(state["states"])
