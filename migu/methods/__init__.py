@@ -7,6 +7,13 @@ A new method is one file `migu/methods/<name>.py` with a `Method` subclass (see 
 from __future__ import annotations
 
 from migu.methods.base import Context, LoraOptions, Method, NoOptions
+from migu.methods.ewc import EWC
+from migu.methods.gere import GeRe
+from migu.methods.i_lora import ILoRA
+from migu.methods.inc_lora import IncLoRA
+from migu.methods.mtl import MTL
+from migu.methods.o_lora import OLoRA
+from migu.methods.replay import Replay
 from migu.methods.seq_ft import SeqFT
 from migu.methods.seq_lora import SeqLoRA
 
@@ -38,6 +45,7 @@ def get_method(name: str) -> type[Method]:
 
 register(SeqFT)
 register(SeqLoRA)
-# issue 5 adds: replay, inc-lora, o-lora, i-lora, gere, ewc, mtl
+for _cls in (Replay, IncLoRA, OLoRA, ILoRA, GeRe, EWC, MTL):  # issue 5
+    register(_cls)
 
 __all__ = ["METHODS", "Context", "LoraOptions", "Method", "NoOptions", "get_method", "options_key", "register"]
