@@ -114,3 +114,17 @@ def test_smoke_config_on_the_embedded_model(tmp_path):
         assert summary["tasks"] == ["dbpedia", "SST-2"] and len(summary["matrix"]) == 2
         assert summary["aa"] is not None and summary["bwt"] is not None
     print(proc.stdout, f"wall {time.time() - start:.0f}s")
+
+
+def test_overwrite_with_a_bad_model_keeps_the_comparison(tmp_path, capsys, tiny_llama_dir):
+    stream = write_stream(tmp_path / "data", tasks={"colors": ["blue", "pink"]})
+    out = tmp_path / "cmp"
+    config = tiny_yaml(tmp_path / "c.yaml", tiny_llama_dir, stream, out, compare_migu=True)
+    assert main(["run", str(config), "--quiet"]) == 0
+    assert "no MIGU" in capsys.readouterr().out
+    files = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert main(["run", str(config), "--overwrite", "--set", f"model.name={tmp_path / 'nothing'}"]) == 2
+    assert _err_line(capsys).startswith("model error:")
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == files
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0  # both finished: prints the comparison again
+    assert "no MIGU" in capsys.readouterr().out
