@@ -177,6 +177,61 @@ class MiguConfig:
                self.target_modules, "must name at least one module (or be null)")
 
 
+@dataclass
+class DomainConfig:
+    """One domain of a continual pre-training stream."""
+
+    name: str = ""
+    """Domain name: a column of the perplexity matrix."""
+    train: list[str] = field(default_factory=list)
+    """Sources: .txt (blank-line separated documents), .jsonl/.json (records with a text field) or CL_Benchmark task names (sentences, labels dropped)."""
+    heldout: Optional[list[str]] = None
+    """Held-out sources; null: each task's test split, and heldout_fraction of each file's documents."""
+    text_field: Optional[str] = None
+    """JSON text field of this domain's files; null: pretrain.text_field."""
+
+
+@dataclass
+class PretrainConfig:
+    """Continual pre-training (scenario: pretrain): text domains packed into blocks, perplexity after each (docs/pretrain.md)."""
+
+    domains: Optional[list[DomainConfig]] = None
+    """Domains in training order; null: news (agnews+dbpedia) → reviews (amazon+yelp+IMDB) → qa (BoolQA+MultiRC)."""
+    block_size: int = 128
+    """Tokens per packed block (documents joined with eos, never crossing a document without one)."""
+    train_blocks_per_domain: int = 24
+    """Training blocks per domain, from seeded shuffled documents; 0 = every document."""
+    heldout_blocks_per_domain: int = 8
+    """Held-out blocks per domain (perplexity); 0 = every held-out document."""
+    general: Optional[str] = None
+    """General held-out text, never trained on (.txt/.jsonl/.json); null: migu/assets/general_samples.jsonl."""
+    general_blocks: int = 16
+    """Blocks of the general held-out set; 0 = all of it."""
+    text_field: str = "text"
+    """Text field of .jsonl/.json sources."""
+    heldout_fraction: float = 0.1
+    """Share of a file source's documents held out when its domain has no heldout sources."""
+
+    def validate(self) -> None:
+        if self.domains is not None:
+            _check(len(self.domains) > 0, "pretrain.domains", "[]", "must list at least one domain (or be null)")
+            names = [d.name for d in self.domains]
+            for i, d in enumerate(self.domains):
+                _check(bool(d.name.strip()), f"pretrain.domains[{i}].name", d.name, "must not be empty")
+                _check(d.name != "general", f"pretrain.domains[{i}].name", d.name,
+                       "'general' is the general held-out column; choose another name")
+                _check(names.count(d.name) == 1, f"pretrain.domains[{i}].name", d.name, "names a domain twice")
+                _check(len(d.train) > 0, f"pretrain.domains[{i}].train", d.train, "must list at least one source")
+        _check(self.block_size >= 2, "pretrain.block_size", self.block_size, "must be >= 2")
+        for key in ("train_blocks_per_domain", "heldout_blocks_per_domain", "general_blocks"):
+            _check(getattr(self, key) >= 0, f"pretrain.{key}", getattr(self, key), "must be >= 0 (0 = all)")
+        _check(0.0 < self.heldout_fraction < 1.0, "pretrain.heldout_fraction", self.heldout_fraction,
+               "must be in (0, 1)")
+
+
+SCENARIOS = ("finetune", "pretrain")
+
+
 def _make_method_config() -> type:
     """`MethodConfig`: `name` plus one options section per registered method that has options."""
     specs: list = [("name", str, field(default="seq-ft"))]
@@ -220,12 +275,16 @@ class RunConfig:
     """Run directory; null: runs/<name>-<method>[-migu]-s<seed> (compare_migu: runs/<name>-<method>-compare-s<seed>)."""
     compare_migu: bool = False
     """Run twice, without and with MIGU, into <output_dir>/no-migu and <output_dir>/migu (sharing the untrained evaluation), and print both side by side."""
+    scenario: str = "finetune"
+    """`finetune`: the task stream (data.*), accuracy matrix; `pretrain`: text domains (pretrain.*), perplexity matrix."""
     threads: Optional[int] = None
     """torch CPU threads; null: torch's default."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model."""
     data: DataConfig = field(default_factory=DataConfig)
     """The task stream."""
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    """Continual pre-training domains (scenario: pretrain)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation."""
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -240,7 +299,8 @@ class RunConfig:
         _check(bool(self.name) and "/" not in self.name, "name", self.name, "must be non-empty without '/'")
         _check(self.seed >= 0, "seed", self.seed, "must be >= 0")
         _check(self.threads is None or self.threads >= 1, "threads", self.threads, "must be >= 1 or null")
-        for section in (self.model, self.data, self.train, self.eval, self.migu, self.method):
+        _check(self.scenario in SCENARIOS, "scenario", self.scenario, "must be " + " or ".join(map(repr, SCENARIOS)))
+        for section in (self.model, self.data, self.pretrain, self.train, self.eval, self.migu, self.method):
             section.validate()
         return self
 

@@ -104,3 +104,87 @@ def summarize(R: Matrix, r0: Sequence[float] | None = None, mtl: bool | None = N
         "final_row": [float(x) for x in R[0]] if is_mtl else [float(x) for x in R[T - 1][:T]] if T else [],
         "diagonal": None if is_mtl else [float(R[j][j]) for j in range(T)],
     }
+
+
+# ------------------------------------------------------------------------------------------ perplexity
+# Continual pre-training (`scenario: pretrain`): ``P[i][j]`` is the perplexity on the held-out set of
+# domain ``j`` after training domain ``i``; with ``general=True`` the last column is the general held-out
+# set, which is never trained on. ``p0`` is the row before any training. Lower is better, so forgetting
+# is a *rise* of perplexity. ``T`` is the square size of the domain columns, as for accuracies.
+
+def _domains(P: Matrix, general: bool) -> list[list[float]]:
+    return [[float(x) for x in (row[:-1] if general else row)] for row in P]
+
+
+def average_perplexity(P: Matrix, general: bool = True, mtl: bool | None = None) -> float | None:
+    """(1/T) * sum_j P[T-1][j] over the domains (the general column excluded): the final perplexities' mean.
+
+    A plain mean of per-domain perplexities (each already token-weighted within its domain), so every
+    domain counts the same whatever the size of its held-out set. MTL row: the mean of its domain cells.
+    """
+    D = _domains(P, general)
+    if _is_mtl(D, mtl):
+        return _mean(D[0])
+    T = square_size(D)
+    return _mean([D[T - 1][j] for j in range(T)]) if T else None
+
+
+def perplexity_forgetting(P: Matrix, general: bool = True, mtl: bool | None = None,
+                          relative: bool = False) -> float | None:
+    """F = (1/(T-1)) * sum_{j<T-1} (P[T-1][j] - min_{j<=i<T-1} P[i][j]).
+
+    The rise of each earlier domain's perplexity over the best (lowest) value it reached from when it
+    was trained up to the row before the last; positive means forgotten. With `relative=True` each
+    rise is divided by that best value (0.05 = 5% higher). ``None`` when T < 2 or MTL.
+    """
+    D = _domains(P, general)
+    T = square_size(D)
+    if _is_mtl(D, mtl) or T < 2:
+        return None
+    rises = []
+    for j in range(T - 1):
+        best = min(D[i][j] for i in range(j, T - 1))
+        rises.append((D[T - 1][j] - best) / best if relative else D[T - 1][j] - best)
+    return _mean(rises)
+
+
+def general_drift(P: Matrix, p0: Sequence[float] | None, general: bool = True,
+                  mtl: bool | None = None) -> tuple[float | None, float | None]:
+    """(P[T-1][general] - p0[general], the same divided by p0[general]): the general-ability drift.
+
+    Positive means the model got worse on general text. ``(None, None)`` without a general column,
+    without ``p0`` or without a finished row.
+    """
+    D = _domains(P, general)
+    T = 1 if _is_mtl(D, mtl) else square_size(D)
+    if not general or p0 is None or not T:
+        return None, None
+    final, start = float(P[T - 1][-1]), float(p0[-1])
+    return final - start, (final - start) / start if start else None
+
+
+def summarize_perplexity(P: Matrix, p0: Sequence[float] | None = None, general: bool = True,
+                         mtl: bool | None = None) -> dict:
+    """All perplexity metrics of P as one dict (the keys summary.json holds for `scenario: pretrain`).
+
+    Keys: ``ppl_avg`` (`average_perplexity`), ``ppl_forgetting`` and ``ppl_forgetting_rel``
+    (`perplexity_forgetting`), ``ppl_general`` (final general perplexity), ``ppl_general0`` (before
+    training), ``ppl_general_drift`` and ``ppl_general_drift_rel`` (`general_drift`), ``ppl_final_row``
+    (the domain cells of the last row of the square part; the whole row for MTL) and ``ppl_diagonal``
+    (``P[j][j]``, each domain right after it was trained; ``None`` for MTL).
+    """
+    D = _domains(P, general)
+    is_mtl = _is_mtl(D, mtl)
+    T = 1 if is_mtl and D else square_size(D)
+    drift, drift_rel = general_drift(P, p0, general, mtl=is_mtl)
+    return {
+        "ppl_avg": average_perplexity(P, general, mtl=is_mtl),
+        "ppl_forgetting": perplexity_forgetting(P, general, mtl=is_mtl),
+        "ppl_forgetting_rel": perplexity_forgetting(P, general, mtl=is_mtl, relative=True),
+        "ppl_general": float(P[T - 1][-1]) if general and T else None,
+        "ppl_general0": float(p0[-1]) if general and p0 is not None else None,
+        "ppl_general_drift": drift,
+        "ppl_general_drift_rel": drift_rel,
+        "ppl_final_row": (D[0] if is_mtl else D[T - 1][:T]) if T else [],
+        "ppl_diagonal": None if is_mtl else [D[j][j] for j in range(T)],
+    }

@@ -4,6 +4,7 @@
              state.json             {"tasks", "finished_tasks", "r0", "rows", "row_names", "status", ...}
              metrics.jsonl          one JSON record a line: {"type": "train"|"eval", "stage", ...}
              accuracy_matrix.csv    header after_task,<task1>,...; row "untrained", then one row per phase
+             perplexity_matrix.csv  instead of accuracy_matrix.csv for scenario: pretrain (general column last)
              summary.json           AA, BWT, FWT, forgetting, matrix, method, migu, seed, wall time, versions
              checkpoints/last/      params.safetensors, method.pt, meta.json (written atomically)
 
@@ -156,14 +157,17 @@ class RunDir:
         return self.read_json(SUMMARY)
 
     def write_matrix(self, tasks: list[str], r0: Optional[list[float]], rows: list[list[float]],
-                     row_names: list[str]) -> None:
-        """accuracy_matrix.csv: `after_task,<tasks>`; row `untrained` (if r0), then one row per phase."""
+                     row_names: list[str], filename: str = MATRIX) -> None:
+        """accuracy_matrix.csv: `after_task,<tasks>`; row `untrained` (if r0), then one row per phase.
+
+        `filename`: another matrix of the same layout (`perplexity_matrix.csv` of a pretrain run).
+        """
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(["after_task", *tasks])
         for name, row in ([("untrained", r0)] if r0 is not None else []) + list(zip(row_names, rows)):
             writer.writerow([name, *(_fmt(x) for x in row)])
-        self.write_text(MATRIX, buf.getvalue())
+        self.write_text(filename, buf.getvalue())
 
     # ----------------------------------------------------------------------------- metrics.jsonl
     def log(self, record: dict) -> None:
