@@ -188,3 +188,21 @@ def summarize_perplexity(P: Matrix, p0: Sequence[float] | None = None, general: 
         "ppl_final_row": (D[0] if is_mtl else D[T - 1][:T]) if T else [],
         "ppl_diagonal": None if is_mtl else [D[j][j] for j in range(T)],
     }
+
+
+def perplexity_metric_line(m: dict) -> str:
+    """`avg ppl 21.30  forgetting +0.52 (+2.4%)  general 30.1 → 31.0 (+0.90, +3.0%)`."""
+    def signed(x, pct=False):
+        if not isinstance(x, (int, float)):
+            return "–"
+        return f"{100 * x:+.1f}%" if pct else f"{x:+.2f}"
+
+    avg = m.get("ppl_avg")
+    parts = [f"avg ppl {avg:.2f}" if isinstance(avg, (int, float)) else "avg ppl –",
+             f"forgetting {signed(m.get('ppl_forgetting'))} ({signed(m.get('ppl_forgetting_rel'), True)})"]
+    g0, g = m.get("ppl_general0"), m.get("ppl_general")
+    if isinstance(g, (int, float)):
+        start = f"{g0:.2f} → " if isinstance(g0, (int, float)) else ""
+        parts.append(f"general {start}{g:.2f} ({signed(m.get('ppl_general_drift'))}, "
+                     f"{signed(m.get('ppl_general_drift_rel'), True)})")
+    return "  ".join(parts)

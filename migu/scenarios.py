@@ -31,6 +31,7 @@ from migu.data import (encode, load_benchmark_task, load_custom_stream, resolve_
 from migu.data.corpus import (DomainSpec, encode_blocks, is_file_source, load_domains, load_general,
                               pack_documents)
 from migu.data.records import DataError, Task
+from migu.metrics import perplexity_metric_line
 
 GENERAL = "general"  # the name of the general held-out column of a pretrain run
 
@@ -242,24 +243,6 @@ def format_perplexity_matrix(summary: dict) -> str:
         lines.append(f"after {name}".ljust(label_w) + "".join(_ppl(x, width) for x in row))
     lines.append(perplexity_metric_line(summary) + f"   ({summary.get('wall_time_s', 0):.0f}s)")
     return "\n".join(lines)
-
-
-def perplexity_metric_line(m: dict) -> str:
-    """`avg ppl 21.30  forgetting +0.52 (+2.4%)  general 30.1 → 31.0 (+0.90, +3.0%)`."""
-    def signed(x, pct=False):
-        if not isinstance(x, (int, float)):
-            return "–"
-        return f"{100 * x:+.1f}%" if pct else f"{x:+.2f}"
-
-    avg = m.get("ppl_avg")
-    parts = [f"avg ppl {avg:.2f}" if isinstance(avg, (int, float)) else "avg ppl –",
-             f"forgetting {signed(m.get('ppl_forgetting'))} ({signed(m.get('ppl_forgetting_rel'), True)})"]
-    g0, g = m.get("ppl_general0"), m.get("ppl_general")
-    if isinstance(g, (int, float)):
-        start = f"{g0:.2f} → " if isinstance(g0, (int, float)) else ""
-        parts.append(f"general {start}{g:.2f} ({signed(m.get('ppl_general_drift'))}, "
-                     f"{signed(m.get('ppl_general_drift_rel'), True)})")
-    return "  ".join(parts)
 
 
 def format_perplexity_comparison(runs: dict) -> str:

@@ -5,6 +5,8 @@
 Written to `<run>/plots/`:
     accuracy_matrix.png   heatmap, rows = stages (untrained, after task 1..T), columns = tasks, value in each cell
     accuracy_curves.png   accuracy of each task across the stages (one line per task; a star where it is trained)
+                          (a perplexity run, scenario: pretrain: perplexity_matrix.png and perplexity_curves.png,
+                          the same figures with "perplexity (lower is better)" and a reversed colour scale)
     train_loss.png        training loss per optimizer step, coloured by phase (when metrics.jsonl has train records)
     magnitude_*.png       from magnitudes/<task>.pt when two or more tasks were measured (see migu.report.magnitudes)
 
@@ -20,6 +22,7 @@ from typing import Optional, Sequence
 
 from matplotlib.figure import Figure
 
+from migu.metrics import perplexity_metric_line
 from migu.report.rundata import Run, load_run
 
 DPI = 100
@@ -107,19 +110,29 @@ def plot_accuracy_matrix(run: Run) -> Figure:
     stages, tasks = run.stage_names, run.tasks
     fig = new_figure(max(5.5, 1.0 * len(tasks) + 3.5), max(3.0, 0.45 * len(stages) + 1.8))
     ax = fig.add_subplot()
-    heatmap(ax, run.matrix, stages, tasks, vmin=0.0, vmax=100.0, cbar_label="accuracy (%)", fig=fig)
-    ax.set_xlabel("evaluated on task")
+    heatmap(ax, run.matrix, stages, tasks, cbar_label=run.value_label, fig=fig, **_value_scale(run))
+    ax.set_xlabel("evaluated on domain" if run.is_perplexity else "evaluated on task")
     ax.set_ylabel("model state")
-    ax.set_title(f"{run.label} — accuracy (%)\n{_metric_line(run)}", fontsize=10)
+    ax.set_title(f"{run.label} — {run.value_label}\n{_metric_line(run)}", fontsize=10)
     return fig
 
 
+def _value_scale(run: Run) -> dict:
+    """Colour range of the heatmap: 0-100 for accuracies; the data's range, reversed colours, for perplexities."""
+    if not run.is_perplexity:
+        return {"vmin": 0.0, "vmax": 100.0}
+    values = [v for row in run.matrix for v in row if v is not None and math.isfinite(v)] or [1.0]
+    return {"vmin": min(values), "vmax": max(values), "cmap": _CMAP + "_r", "digits": 2 if max(values) < 100 else 1}
+
+
 def _metric_line(run: Run) -> str:
+    status = "" if run.status == "done" else f"  [{run.status}: {len(run.rows)} phase(s) finished]"
+    if run.is_perplexity:
+        return perplexity_metric_line(run.metrics) + status
     parts = []
     for key, name in (("aa", "AA"), ("bwt", "BWT"), ("fwt", "FWT"), ("forgetting", "forgetting")):
         value = run.metrics.get(key)
         parts.append(f"{name} {value:.1f}" if isinstance(value, (int, float)) else f"{name} –")
-    status = "" if run.status == "done" else f"  [{run.status}: {len(run.rows)} phase(s) finished]"
     return "   ".join(parts) + status
 
 
@@ -145,12 +158,14 @@ def plot_accuracy_curves(run: Run) -> Figure:
                 ax.plot([k], [ys[k]], marker="*", markersize=13, color=colors[j], markeredgecolor="black",
                         markeredgewidth=0.6, linestyle="none")
     ax.set_xticks(x, labels=stages, rotation=30 if len(stages) > 4 else 0, ha="right" if len(stages) > 4 else "center")
-    ax.set_ylim(-2, 102)
+    if not run.is_perplexity:
+        ax.set_ylim(-2, 102)
     ax.set_xlim(-0.3, max(len(stages) - 0.7, 0.3))
     ax.set_xlabel("stage of the task sequence")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel(run.value_label)
     ax.grid(alpha=0.3)
-    ax.set_title(f"{run.label} — accuracy of each task across the sequence (★ = just trained)", fontsize=10)
+    what = "perplexity of each domain" if run.is_perplexity else "accuracy of each task"
+    ax.set_title(f"{run.label} — {what} across the sequence (★ = just trained)", fontsize=10)
     ax.legend(title="task", loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     return fig
 
@@ -181,7 +196,7 @@ def plot_training_loss(run: Run, records: Optional[list[dict]] = None) -> Option
             ax.axvline(start - 0.5, color="grey", linewidth=0.6, linestyle=":")
         start += len(losses)
     ax.set_xlabel("optimizer step (over the whole sequence)")
-    ax.set_ylabel("loss (answer tokens)")
+    ax.set_ylabel("loss (all tokens)" if run.is_perplexity else "loss (answer tokens)")
     ax.grid(alpha=0.3)
     ax.set_title(f"{run.label} — training loss", fontsize=10)
     ax.legend(title="phase", loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
@@ -197,8 +212,9 @@ def write_run_plots(run_dir: str | Path) -> list[Path]:
     """
     run = load_run(run_dir)
     out = run.path / PLOTS
-    written = [save(plot_accuracy_matrix(run), out / "accuracy_matrix.png"),
-               save(plot_accuracy_curves(run), out / "accuracy_curves.png")]
+    kind = "perplexity" if run.is_perplexity else "accuracy"
+    written = [save(plot_accuracy_matrix(run), out / f"{kind}_matrix.png"),
+               save(plot_accuracy_curves(run), out / f"{kind}_curves.png")]
     loss = plot_training_loss(run)
     if loss is not None:
         written.append(save(loss, out / "train_loss.png"))

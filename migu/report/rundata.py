@@ -11,6 +11,8 @@ an optional `untrained` row, then one row per phase; an empty cell = not evaluat
 `wall_time_s`), `state.json` (`tasks`, `phases`, `status`) and `config.yaml` (the resolved config).
 The matrix comes from accuracy_matrix.csv when present (summary.json otherwise), so an unfinished run can
 be plotted; metrics come from summary.json, or are computed from the matrix by `migu.metrics`.
+A continual pre-training run (`scenario: pretrain`) writes perplexity_matrix.csv instead (same layout, the
+general held-out set as the last column); its `Run.kind` is "perplexity" and its metrics are `PPL_METRIC_KEYS`.
 
 Every problem is a `ReportError` whose one-line message names the file and the field.
 """
@@ -26,14 +28,17 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
-from migu.metrics import summarize
+from migu.metrics import summarize, summarize_perplexity
 
 SUMMARY = "summary.json"
 MATRIX = "accuracy_matrix.csv"
+PPL_MATRIX = "perplexity_matrix.csv"
 STATE = "state.json"
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 METRIC_KEYS = ("aa", "bwt", "fwt", "forgetting")
+PPL_METRIC_KEYS = ("ppl_avg", "ppl_forgetting", "ppl_forgetting_rel", "ppl_general0", "ppl_general",
+                   "ppl_general_drift", "ppl_general_drift_rel")
 # sub-directories of a run that never hold runs (not searched for sub-runs)
 _NOT_RUNS = {"checkpoints", "plots", "magnitudes", "__pycache__"}
 _MAX_DEPTH = 4
@@ -57,7 +62,8 @@ class Run:
         summary: summary.json (None while the run is unfinished).
         config: config.yaml as a plain dict ({} when missing).
         state: state.json ({} when missing).
-        metrics: aa, bwt, fwt, forgetting (floats or None).
+        metrics: aa, bwt, fwt, forgetting (floats or None); PPL_METRIC_KEYS for a perplexity run.
+        kind: "accuracy" (percent, higher is better) or "perplexity" (lower is better).
     """
 
     path: Path
@@ -69,6 +75,16 @@ class Run:
     config: dict = field(default_factory=dict)
     state: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    kind: str = "accuracy"
+
+    @property
+    def is_perplexity(self) -> bool:
+        return self.kind == "perplexity"
+
+    @property
+    def value_label(self) -> str:
+        """What a matrix cell is: `accuracy (%)` or `perplexity (lower is better)`."""
+        return "perplexity (lower is better)" if self.is_perplexity else "accuracy (%)"
 
     # ---------------------------------------------------------------------------- the matrix
     @property
@@ -187,14 +203,18 @@ def load_run(path: str | Path, require_summary: bool = False) -> Run:
                           f" to finish it)")
     state = _read_json_dict(path / STATE) if (path / STATE).is_file() else {}
     config = _read_config(path / CONFIG) if (path / CONFIG).is_file() else {}
+    kind = "perplexity" if (summary or {}).get("scenario") == "pretrain" else "accuracy"
     if (path / MATRIX).is_file():
         tasks, names, r0, rows = _read_matrix(path / MATRIX)
+    elif (path / PPL_MATRIX).is_file():
+        tasks, names, r0, rows = _read_matrix(path / PPL_MATRIX)
+        kind = "perplexity"
     elif summary is not None:
         tasks, names, r0, rows = _matrix_from_summary(summary, path / SUMMARY)
     else:
         raise ReportError(f"{path / SUMMARY}: missing, and no {MATRIX} either (not a migu run directory)")
     run = Run(path=path, tasks=tasks, row_names=names, r0=r0, rows=rows, summary=summary, config=config,
-              state=state)
+              state=state, kind=kind)
     run.metrics = _metrics(run)
     return run
 
@@ -217,7 +237,7 @@ def find_run_dirs(paths: Iterable[str | Path], require_summary: bool = True) -> 
             raise ReportError(f"{path}: not a directory (expected a migu run directory)")
         runs = _walk(path, require_summary, 0)
         if not runs:
-            if (path / CONFIG).is_file() or (path / STATE).is_file() or (path / MATRIX).is_file():
+            if any((path / f).is_file() for f in (CONFIG, STATE, MATRIX, PPL_MATRIX)):
                 raise ReportError(f"{path / SUMMARY}: missing (not a finished migu run; run `migu run --resume "
                                   f"{path}` to finish it)")
             raise ReportError(f"{path}: no {SUMMARY} in it or its sub-directories (not a migu run directory)")
@@ -226,7 +246,8 @@ def find_run_dirs(paths: Iterable[str | Path], require_summary: bool = True) -> 
 
 
 def _is_run(path: Path, require_summary: bool) -> bool:
-    return (path / SUMMARY).is_file() or (not require_summary and (path / MATRIX).is_file())
+    return (path / SUMMARY).is_file() or (not require_summary and any((path / f).is_file()
+                                                                       for f in (MATRIX, PPL_MATRIX)))
 
 
 def _walk(path: Path, require_summary: bool, depth: int) -> list[Path]:
@@ -257,7 +278,7 @@ def _read_json_dict(path: Path) -> dict:
 
 def _read_summary(path: Path) -> dict:
     summary = _read_json_dict(path)
-    for key in METRIC_KEYS + ("wall_time_s",):
+    for key in METRIC_KEYS + PPL_METRIC_KEYS + ("wall_time_s",):
         value = summary.get(key)
         if value is not None and not _is_number(value):
             raise ReportError(f"{path}: field {key!r} must be a number or null, got {value!r}")
@@ -335,15 +356,19 @@ def _matrix_from_summary(summary: dict, path: Path):
 
 
 def _metrics(run: Run) -> dict:
-    if run.summary is not None and any(k in run.summary for k in METRIC_KEYS):
-        return {k: run.summary.get(k) for k in METRIC_KEYS}
+    keys = PPL_METRIC_KEYS if run.is_perplexity else METRIC_KEYS
+    if run.summary is not None and any(k in run.summary for k in keys):
+        return {k: run.summary.get(k) for k in keys}
     # unfinished run: the metrics of the finished part, as migu.metrics defines them
     phases = run.state.get("phases") or (run.summary or {}).get("row_names") or run.row_names
     mtl = len(phases) == 1 and len(run.tasks) > 1
     rows = [row for row in run.rows if all(v is not None for v in row)]
     r0 = run.r0 if run.r0 is not None and all(v is not None for v in run.r0) else None
     if not rows:
-        return {k: None for k in METRIC_KEYS}
+        return {k: None for k in keys}
+    if run.is_perplexity:  # the general held-out set is the last column
+        metrics = summarize_perplexity(rows, r0, general=True, mtl=len(phases) == 1 and len(run.tasks) > 2)
+        return {k: metrics[k] for k in keys}
     metrics = summarize(rows, r0, mtl=mtl)
     return {k: metrics[k] for k in METRIC_KEYS}
 

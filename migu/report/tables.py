@@ -19,8 +19,9 @@ import statistics
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from migu.metrics import perplexity_metric_line
 from migu.report.plots import fmt_cell, new_figure, save
-from migu.report.rundata import METRIC_KEYS, Run
+from migu.report.rundata import METRIC_KEYS, PPL_METRIC_KEYS, Run
 
 # config keys that do not make two runs different experiments
 _SEED_LIKE = ("seed", "data.seed", "output_dir", "name", "threads", "compare_migu", "provenance")
@@ -44,8 +45,17 @@ def flatten(config: dict, prefix: str = "") -> dict:
         if isinstance(value, dict):
             flat.update(flatten(value, dotted + "."))
         else:
-            flat[dotted] = tuple(value) if isinstance(value, list) else value
+            flat[dotted] = _hashable(value)
     return flat
+
+
+def _hashable(value):
+    """Lists become tuples and dicts sorted item tuples, recursively (pretrain.domains is a list of dicts)."""
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return value
 
 
 def _experiment_key(run: Run) -> dict:
@@ -221,12 +231,23 @@ def run_report_markdown(run: Run, plots: Sequence[Path] = ()) -> str:
         lines.append(f"- model: `{model}`")
     if run.wall_time_s is not None:
         lines.append(f"- wall time: {run.wall_time_s:.1f} s")
-    lines += ["", "| AA | BWT | FWT | forgetting |", "| ---: | ---: | ---: | ---: |",
-              "| " + " | ".join(fmt_value(run.metrics.get(k)) for k in METRIC_KEYS) + " |", "",
-              "## Accuracy matrix (%)", "", "| model state | " + " | ".join(run.tasks) + " |",
-              "| --- | " + " | ".join("---:" for _ in run.tasks) + " |"]
+    if run.is_perplexity:
+        heads = ["avg ppl", "forgetting", "forgetting (rel.)", "general before", "general after", "general drift",
+                 "general drift (rel.)"]
+        lines += ["", "| " + " | ".join(heads) + " |", "| " + " | ".join("---:" for _ in heads) + " |",
+                  "| " + " | ".join(fmt_value(run.metrics.get(k), 4 if k.endswith("_rel") else 2)
+                                    for k in PPL_METRIC_KEYS) + " |", "",
+                  f"{perplexity_metric_line(run.metrics)} (forgetting: rise of each earlier domain's perplexity "
+                  "over its best value; drift: general held-out set, never trained on, before → after)", "",
+                  "## Perplexity matrix (lower is better)"]
+    else:
+        lines += ["", "| AA | BWT | FWT | forgetting |", "| ---: | ---: | ---: | ---: |",
+                  "| " + " | ".join(fmt_value(run.metrics.get(k)) for k in METRIC_KEYS) + " |", "",
+                  "## Accuracy matrix (%)"]
+    digits = 2 if run.is_perplexity else 1
+    lines += ["", "| model state | " + " | ".join(run.tasks) + " |", "| --- | " + " | ".join("---:" for _ in run.tasks) + " |"]
     for stage, row in zip(run.stage_names, run.matrix):
-        lines.append(f"| {stage} | " + " | ".join(fmt_cell(v) for v in row) + " |")
+        lines.append(f"| {stage} | " + " | ".join(fmt_cell(v, digits) for v in row) + " |")
     if plots:
         lines += ["", "## Plots", ""]
         for p in plots:
@@ -238,12 +259,17 @@ def run_report_markdown(run: Run, plots: Sequence[Path] = ()) -> str:
 def run_summary_text(run: Run) -> str:
     """A few terminal lines: the matrix and the metrics."""
     width = max([len(t) for t in run.tasks] + [6]) + 2
-    label_w = max(len(s) for s in run.stage_names + ["accuracy (%)"]) + 2
+    title = "perplexity" if run.is_perplexity else "accuracy (%)"
+    digits = 2 if run.is_perplexity else 1
+    label_w = max(len(s) for s in run.stage_names + [title]) + 2
     lines = [f"{run.name}: {run.label}  [{run.status}]",
-             "accuracy (%)".ljust(label_w) + "".join(t.rjust(width) for t in run.tasks)]
+             title.ljust(label_w) + "".join(t.rjust(width) for t in run.tasks)]
     for stage, row in zip(run.stage_names, run.matrix):
-        lines.append(stage.ljust(label_w) + "".join(fmt_cell(v).rjust(width) for v in row))
-    lines.append("   ".join(f"{HEADERS[k]} {fmt_value(run.metrics.get(k))}" for k in METRIC_KEYS))
+        lines.append(stage.ljust(label_w) + "".join(fmt_cell(v, digits).rjust(width) for v in row))
+    if run.is_perplexity:
+        lines.append(perplexity_metric_line(run.metrics))
+    else:
+        lines.append("   ".join(f"{HEADERS[k]} {fmt_value(run.metrics.get(k))}" for k in METRIC_KEYS))
     return "\n".join(lines)
 
 
