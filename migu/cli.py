@@ -62,6 +62,7 @@ summary.json and checkpoints/last (see docs/architecture.md)."""
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from migu.distributed import launched_rank
     from migu.train import format_comparison, format_matrix, run
 
     if args.resume:
@@ -74,6 +75,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config or default_config(), args.overrides)
         result = run(cfg, overwrite=args.overwrite, quiet=args.quiet)
+    if launched_rank() != 0:
+        return 0  # torchrun: rank 0 prints the result
     print(format_comparison(result) if "runs" in result else format_matrix(result))
     where = result.get("path") or cfg.output_dir or ""
     if where:
@@ -138,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; continue with: migu run --resume <run directory>", file=sys.stderr)
         return 130
+    except RuntimeError as err:
+        from migu.distributed import DistributedError
+
+        if not isinstance(err, DistributedError):
+            raise
+        print(f"distributed error: {' '.join(str(err).split())}", file=sys.stderr)  # a peer died / timed out
+        return 1
 
 
 if __name__ == "__main__":

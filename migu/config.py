@@ -126,6 +126,16 @@ class TrainConfig:
     """Batch examples of similar length together (padding dominates CPU cost otherwise)."""
     checkpoint: bool = True
     """Write checkpoints/last after every task (needed by --resume)."""
+    precision: str = "fp32"
+    """`fp32`; `bf16`: autocast to bfloat16 (CPU, or a CUDA GPU with bf16); `fp16`: autocast + loss scaling, CUDA only. Weights, optimizer state and MIGU statistics stay float32."""
+    gradient_checkpointing: bool = False
+    """Recompute block activations in backward instead of storing them (less memory, ~30% more compute); MIGU masks are unchanged."""
+    device: str = "auto"
+    """`auto`: cuda:LOCAL_RANK when CUDA is available, else cpu; `cpu`; `cuda`."""
+    engine: str = "ddp"
+    """Data-parallel engine under torchrun / accelerate launch: `ddp` (the only one supported; `fsdp` and `deepspeed` are refused with the reason, see docs/distributed.md)."""
+    dist_timeout_s: float = 1800.0
+    """Seconds a process waits for the others in a collective before failing (a dead peer never hangs a run forever); must exceed the longest rank-0-only work, e.g. writing a checkpoint."""
 
     def validate(self) -> None:
         _check(self.lr is None or self.lr > 0, "train.lr", self.lr, "must be > 0 or null")
@@ -135,6 +145,28 @@ class TrainConfig:
         _check(self.max_grad_norm is None or self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm,
                "must be >= 0 or null")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+        _check(self.precision in ("fp32", "bf16", "fp16"), "train.precision", self.precision,
+               "must be 'fp32', 'bf16' or 'fp16'")
+        _check(self.device in ("auto", "cpu", "cuda"), "train.device", self.device, "must be 'auto', 'cpu' or 'cuda'")
+        _check(self.engine in ENGINES, "train.engine", self.engine, "must be 'ddp', 'fsdp' or 'deepspeed'")
+        _check(self.dist_timeout_s > 0, "train.dist_timeout_s", self.dist_timeout_s, "must be > 0")
+
+
+ENGINES = ("ddp", "fsdp", "deepspeed")
+
+
+def _check_engine(cfg: "RunConfig") -> None:
+    """fsdp / deepspeed are refused early with the reason (never a silent no-op MIGU mask)."""
+    engine = cfg.train.engine
+    if engine == "ddp":
+        return
+    name = {"fsdp": "FSDP", "deepspeed": "DeepSpeed ZeRO"}[engine]
+    if cfg.migu.enabled or cfg.compare_migu:
+        raise ConfigError(f"train.engine={engine}: MIGU cannot run on {name}: it reduces gradients into sharded "
+                          "flat buffers, so masking the module's param.grad would silently do nothing; use "
+                          "train.engine=ddp (torchrun) or a single process")
+    raise ConfigError(f"train.engine={engine}: {name} is not supported by the migu runner yet; use "
+                      "train.engine=ddp (torchrun / accelerate launch multi-GPU) or a single process")
 
 
 @dataclass
@@ -302,6 +334,7 @@ class RunConfig:
         _check(self.scenario in SCENARIOS, "scenario", self.scenario, "must be " + " or ".join(map(repr, SCENARIOS)))
         for section in (self.model, self.data, self.pretrain, self.train, self.eval, self.migu, self.method):
             section.validate()
+        _check_engine(self)
         return self
 
     @property

@@ -93,6 +93,12 @@ def evaluate_tasks(model, tokenizer, tasks: Sequence[Task], **kwargs) -> list[Ta
     return [evaluate_task(model, tokenizer, task, **kwargs) for task in tasks]
 
 
+def _on_device(batch: dict, model) -> dict:
+    """The batch's tensors on the model's device (a no-op on CPU)."""
+    device = next(model.parameters()).device
+    return batch if device.type == "cpu" else {k: v.to(device) for k, v in batch.items()}
+
+
 def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))  # longest first: memory peaks early
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -110,7 +116,7 @@ def _generate(model, tokenizer, task, batch_size, max_length, max_new_tokens, on
                               eos_token_id=tokenizer.eos_token_id)
     predictions = [""] * len(items)
     for index in _batches([len(x["input_ids"]) for x in items], batch_size):
-        batch = collate([items[i] for i in index], pad, padding_side="left")
+        batch = _on_device(collate([items[i] for i in index], pad, padding_side="left"), model)
         out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              generation_config=config)
         texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -139,8 +145,8 @@ def _rank(model, tokenizer, task, batch_size, max_length, on_batch) -> list[str]
     scores = torch.empty(len(items), dtype=torch.float64)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for index in _batches([len(x["input_ids"]) for x in items], batch_size):
-        batch = collate([items[i] for i in index], pad, padding_side="right")
-        scores[index] = sequence_logprobs(model, batch).double()
+        batch = _on_device(collate([items[i] for i in index], pad, padding_side="right"), model)
+        scores[index] = sequence_logprobs(model, batch).double().cpu()
         if on_batch:
             on_batch(len(index) / len(task.labels))
     per_example = scores.view(len(task.test), len(task.labels))

@@ -49,6 +49,12 @@ def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def _barrier() -> None:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` via a temporary file in the same directory and `os.replace`."""
     path = Path(path)
@@ -104,10 +110,12 @@ class RunDir:
                                   f"or --overwrite to replace it")
             if not cls.is_run_dir(path):
                 raise RunDirError(f"refusing to overwrite {path}: not empty and not a migu run directory")
-            if is_main_process():
-                shutil.rmtree(path)
+        _barrier()  # several processes: every rank has checked the directory before rank 0 changes it
+        if path.is_dir() and any(path.iterdir()) and is_main_process():
+            shutil.rmtree(path)
         if is_main_process():
             path.mkdir(parents=True, exist_ok=True)
+        _barrier()  # ... and sees it created
         return cls(path)
 
     @classmethod

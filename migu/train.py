@@ -226,7 +226,8 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, output
     Launched by torchrun / accelerate launch (WORLD_SIZE > 1) it trains data-parallel (docs/distributed.md).
     """
     cfg.validate()
-    with distributed.session(cfg.train.dist_timeout_s, cfg.train.device):
+    where = output_dir or cfg.output_dir or cfg.default_output_dir()
+    with distributed.session(cfg.train.dist_timeout_s, cfg.train.device, run_dir=where):
         return _run(cfg, resume=resume, overwrite=overwrite, output_dir=output_dir, quiet=quiet, r0=r0)
 
 
@@ -431,15 +432,19 @@ class _Run:
 
     def _evaluate(self, stage: int, after: str) -> list[float]:
         eval_sets = self.scenario.eval_sets
-        total = sum(len(t.test) for t in eval_sets)
+        total = sum(len(distributed.shard_rows(t.test)) for t in eval_sets)  # this rank's share
         bar = self.out.bar(total, f"eval after {after}")
         t0 = time.time()
         row = []
+
+        def evaluate(task, **kwargs):
+            return self.scenario.evaluate(self.model, self.tokenizer, task, self.cfg.eval.batch_size, **kwargs)
+
         try:
-            with self.method.eval_context(self.model):
+            with self.method.eval_context(self.model), distributed.autocast(self.device, self.cfg.train.precision):
                 for task in eval_sets:
-                    value, record = self.scenario.evaluate(self.model, self.tokenizer, task, self.cfg.eval.batch_size,
-                                                           on_batch=bar.update)
+                    # several processes: each evaluates a strided share, the records are combined on every rank
+                    value, record = distributed.evaluate_sharded(evaluate, task, on_batch=bar.update)
                     row.append(value)
                     self.rd.log({"type": "eval", "stage": stage, "after_task": after, "task": task.name, **record})
         finally:
@@ -487,6 +492,7 @@ def run_comparison(cfg: RunConfig, path: Path, *, resume: bool = False, overwrit
         parent.write_config(to_yaml(_absolute_paths(dataclasses.replace(cfg, output_dir=str(path))), provenance()))
     summaries, r0 = {}, None
     for sub, enabled in zip(COMPARE_RUNS, (False, True)):
+        distributed.barrier()  # every rank reads the sub-run's state before rank 0 writes it
         sub_cfg = dataclasses.replace(cfg, compare_migu=False, output_dir=str(path / sub),
                                       migu=dataclasses.replace(cfg.migu, enabled=enabled))
         rd = RunDir(path / sub)

@@ -1,0 +1,48 @@
+"""`migu` CLI entry for the multi-process tests, started by torchrun (not collected by pytest).
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py run CONFIG --quiet
+
+Test-only hooks, set through the environment (the library has none):
+    MIGU_TEST_DUMP=DIR        after every phase, each rank saves its trainable parameters to
+                              DIR/rank<R>_phase<I>.pt (to compare the replicas bit for bit)
+    MIGU_TEST_KILL=RANK:STEP  that rank SIGKILLs itself after its STEP-th optimizer step of the run
+"""
+
+import os
+import signal
+import sys
+
+import torch
+
+import migu.train as train
+from migu.methods.base import Method
+
+rank = int(os.environ.get("RANK", "0"))
+
+dump = os.environ.get("MIGU_TEST_DUMP")
+if dump:
+    real_phase = train._Run._train_phase
+
+    def train_phase(self, index, name, tasks):
+        real_phase(self, index, name, tasks)
+        params = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        torch.save(params, os.path.join(dump, f"rank{rank}_phase{index}.pt"))
+
+    train._Run._train_phase = train_phase
+
+kill = os.environ.get("MIGU_TEST_KILL")
+if kill and int(kill.split(":")[0]) == rank:
+    at, seen = int(kill.split(":")[1]), {"n": 0}
+    real_after_step = Method.after_step
+
+    def after_step(self, step):
+        seen["n"] += 1
+        if seen["n"] == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_after_step(self, step)
+
+    Method.after_step = after_step
+
+from migu.cli import main  # noqa: E402
+
+sys.exit(main(sys.argv[1:]))
