@@ -2,21 +2,16 @@
 
 Differs from `seq-ft` (Zhang et al., 2025, "GeRe: Towards Efficient Anti-Forgetting in Continual
 Learning of LLM via General Samples Replay"; reference code Qznan/GeRe) in:
-- `before_task` (first phase only): reads a fixed set of general, non-task texts (`general_file`,
-  default the bundled `migu/assets/general_samples.jsonl`, described in `migu/assets/README.md`) and
-  runs the *base* model on them once: per hidden dimension d of the last hidden state, over every
-  token of every sample, mu_d and sigma_d give the band [lo, hi] = [mu - sigma, mu + sigma], and every
-  (sample, token, d) gets the base model's activation state: +1 above hi, -1 below lo, 0 inside.
-  Band and states are never recomputed; they live in `state_dict`, so they survive a resume.
-- `mix_batch`: general samples (LM loss on all their tokens) are appended to every micro-batch,
-  on average `rate` of its items, drawn uniformly from the fixed set.
-- `extra_loss`: tm_weight x the TM loss on those rows' last hidden states h, averaged over the
-  non-padding tokens and dimensions, a hinge that keeps each activation in its base state:
-      base inside the band:  relu(h - hi) + relu(lo - h)   (zero inside the band, positive outside)
-      base above hi:         relu(hi - h)                  (zero while h stays above hi)
-      base below lo:         relu(h - lo)
-  The reference code divides the summed hinge by the number of nonzero terms; migu takes the plain
-  mean, so its weight is not comparable with the reference's default of 100.
+- `before_task`, first phase only: reads a fixed set of general, non-task texts (`general_file`;
+  default the bundled `migu/assets/general_samples.jsonl`, see `migu/assets/README.md`) and runs the
+  *base* model on them once. Per dimension of the last hidden state, over all their tokens, mu and
+  sigma give the band [lo, hi] = [mu - sigma, mu + sigma]; every (sample, token, dimension) gets the
+  base model's state: +1 above hi, -1 below lo, 0 inside. Never recomputed; kept in `state_dict`.
+- `mix_batch`: general samples (LM loss on all their tokens), on average `rate` of each micro-batch.
+- `extra_loss`: tm_weight x the mean, over those rows' tokens and dimensions, of a hinge that keeps
+  each activation h in its base state: base inside: relu(h - hi) + relu(lo - h) (zero inside the
+  band, positive outside); base above: relu(hi - h); base below: relu(h - lo). The reference divides
+  the summed hinge by its number of nonzero terms instead, so its default weight (100) does not apply.
 """
 
 from __future__ import annotations
