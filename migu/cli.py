@@ -12,17 +12,11 @@ never a traceback, and never after deleting anything.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
 from migu.config import ConfigError, describe_options, load_config
 
-# The subcommands besides `run`: name → (module, one-line help). Each module defines
-# `add_arguments(parser)` and `main(args) -> int`; importing it happens only when it is listed here.
-# Add a line here for: report (migu.report), compare, sweep, magnitudes (issue 7).
-SUBCOMMANDS: dict[str, tuple[str, str]] = {
-}
 
 
 def _repo_configs() -> Path:
@@ -78,10 +72,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     if launched_rank() != 0:
         return 0  # torchrun: rank 0 prints the result
     print(format_comparison(result) if "runs" in result else format_matrix(result))
-    where = result.get("path") or cfg.output_dir or ""
-    if where:
-        print(f"run directory: {where}")
+    where = args.resume or result.get("path") or cfg.output_dir or str(cfg.default_output_dir())
+    print(f"run directory: {where}")
+    _write_plots(Path(where))
     return 0
+
+
+def _write_plots(where: Path) -> None:
+    """Every finished run under `where` gets its plots/ (heatmap, curves, loss), as `migu report` makes them."""
+    from migu.report import ReportError, find_run_dirs
+    from migu.report.plots import write_run_plots
+
+    try:
+        for run_dir in find_run_dirs([where]):
+            for png in write_run_plots(run_dir):
+                print(f"plot: {png}")
+    except ReportError as err:  # the run itself succeeded; a plot problem must not turn it into a failure
+        print(f"warning: plots not written: {err}", file=sys.stderr)
 
 
 def _saved_config(run_dir: Path) -> Path:
@@ -103,11 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=RUN_EPILOG.format(options=describe_options()), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(run_parser)
     run_parser.set_defaults(func=cmd_run)
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
-        module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(p)
-        p.set_defaults(func=module.main)
+    from migu.report.cli import register
+
+    register(sub)  # report, compare, sweep, magnitudes: they read run directories only
     return parser
 
 
@@ -117,11 +122,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from migu.models import ModelError
     from migu.rundir import RunDirError
 
-    return ConfigError, DataError, ModelError, RunDirError
+    from migu.report import ReportError
+
+    return ConfigError, DataError, ModelError, RunDirError, ReportError
 
 
 _PREFIX = {"ConfigError": "config error", "DataError": "data error", "ModelError": "model error",
-           "RunDirError": "run directory error"}
+           "RunDirError": "run directory error", "ReportError": "report error"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,6 +122,8 @@ def test_overwrite_with_a_bad_model_keeps_the_comparison(tmp_path, capsys, tiny_
     config = tiny_yaml(tmp_path / "c.yaml", tiny_llama_dir, stream, out, compare_migu=True)
     assert main(["run", str(config), "--quiet"]) == 0
     assert "no MIGU" in capsys.readouterr().out
+    for sub in ("no-migu", "migu"):  # every finished run gets its pictures without a separate `migu report`
+        assert {p.name for p in (out / sub / "plots").glob("*.png")} >= {"accuracy_matrix.png", "accuracy_curves.png"}
     files = sorted(p.relative_to(out) for p in out.rglob("*"))
     assert main(["run", str(config), "--overwrite", "--set", f"model.name={tmp_path / 'nothing'}"]) == 2
     assert _err_line(capsys).startswith("model error:")
