@@ -117,7 +117,8 @@ def _accelerate_engine() -> Optional[str]:
 
 
 @contextlib.contextmanager
-def session(timeout_s: float = 1800.0, device: str = "auto", run_dir: Optional[str] = None):
+def session(timeout_s: float = 1800.0, device: str = "auto", run_dir: Optional[str] = None,
+            precision: Optional[str] = None):
     """Initialise the process group for the duration of a run when launched with WORLD_SIZE > 1.
 
     Does nothing for a single process or when the caller already initialised torch.distributed (then
@@ -125,6 +126,10 @@ def session(timeout_s: float = 1800.0, device: str = "auto", run_dir: Optional[s
     message naming this rank and the way to continue (`--resume`).
     """
     owned = False
+    accelerate_mp = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision is not None and accelerate_mp not in ("no", precision) and launched_rank() == 0:
+        print(f"note: accelerate's mixed_precision={accelerate_mp} is ignored; this run uses "
+              f"train.precision={precision} (set it with --set train.precision=...)", file=sys.stderr)
     if launched_world_size() > 1 and not is_initialized():
         missing = [v for v in _ENV if v not in os.environ and v != "LOCAL_RANK"]
         if missing:

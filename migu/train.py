@@ -227,7 +227,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, output
     """
     cfg.validate()
     where = output_dir or cfg.output_dir or cfg.default_output_dir()
-    with distributed.session(cfg.train.dist_timeout_s, cfg.train.device, run_dir=where):
+    with distributed.session(cfg.train.dist_timeout_s, cfg.train.device, run_dir=where, precision=cfg.train.precision):
         return _run(cfg, resume=resume, overwrite=overwrite, output_dir=output_dir, quiet=quiet, r0=r0)
 
 
