@@ -301,3 +301,7 @@ def test_report_and_text_output_of_a_pretrain_run(tmp_path, tiny_llama_dir):
     md = run_report_markdown(r, written)
     assert "Perplexity matrix" in md and "lower is better" in md and "avg ppl" in md
     assert "perplexity" in run_summary_text(r)
+    from migu.report.tables import write_compare
+
+    result = write_compare([r], tmp_path / "compare")
+    assert "avg ppl" in result["text"] and "general drift" in result["markdown"]

@@ -87,7 +87,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(result["text"])
     if len(result["groups"]) < len(result["records"]):
         print("\nruns:")
-        print(text_table(result["records"], RUN_COLUMNS))
+        print(text_table(result["records"], result.get("run_columns", RUN_COLUMNS)))
     print(f"\nwrote {', '.join(str(f) for f in result['files'])}")
     return 0
 

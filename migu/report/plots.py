@@ -166,7 +166,8 @@ def plot_accuracy_curves(run: Run) -> Figure:
     ax.grid(alpha=0.3)
     what = "perplexity of each domain" if run.is_perplexity else "accuracy of each task"
     ax.set_title(f"{run.label} — {what} across the sequence (★ = just trained)", fontsize=10)
-    ax.legend(title="task", loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    ax.legend(title="domain" if run.is_perplexity else "task", loc="center left", bbox_to_anchor=(1.01, 0.5),
+              fontsize=8, frameon=False)
     return fig
 
 

@@ -31,7 +31,13 @@ RUN_COLUMNS = ("run", "method", "migu", "threshold", "setting", "seed", "aa", "b
                "wall_time_s")
 GROUP_COLUMNS = ("method", "migu", "threshold", "setting", "n", "seeds", "aa", "bwt", "fwt", "forgetting",
                  "wall_time_s")
-HEADERS = {"run": "run", "method": "method", "migu": "MIGU", "threshold": "T", "setting": "setting",
+# a comparison of perplexity runs (scenario: pretrain) shows these instead of AA/BWT/FWT/forgetting
+PPL_COMPARE_KEYS = ("ppl_avg", "ppl_forgetting", "ppl_general_drift", "ppl_general_drift_rel")
+PPL_RUN_COLUMNS = RUN_COLUMNS[:6] + PPL_COMPARE_KEYS + ("wall_time_s",)
+PPL_GROUP_COLUMNS = GROUP_COLUMNS[:6] + PPL_COMPARE_KEYS + ("wall_time_s",)
+_ALL_METRICS = METRIC_KEYS + PPL_COMPARE_KEYS
+HEADERS = {"ppl_avg": "avg ppl", "ppl_forgetting": "ppl forgetting", "ppl_general_drift": "general drift",
+           "ppl_general_drift_rel": "general drift (rel.)", "run": "run", "method": "method", "migu": "MIGU", "threshold": "T", "setting": "setting",
            "seed": "seed", "seeds": "seeds", "n": "n", "aa": "AA", "bwt": "BWT", "fwt": "FWT",
            "forgetting": "forgetting", "wall_time_s": "wall time (s)"}
 
@@ -92,7 +98,7 @@ def run_records(runs: Sequence[Run]) -> list[dict]:
         record = {"run": run.name, "path": str(run.path), "method": run.method, "migu": run.migu_enabled,
                   "threshold": run.threshold, "setting": setting, "seed": run.seed,
                   "wall_time_s": run.wall_time_s, "key": tuple(sorted(key.items(), key=lambda kv: kv[0]))}
-        record.update({k: run.metrics.get(k) for k in METRIC_KEYS})
+        record.update({k: run.metrics.get(k) for k in _ALL_METRICS})
         records.append(record)
     return records
 
@@ -132,7 +138,7 @@ def aggregate(records: Sequence[dict]) -> list[dict]:
         group["seeds"] = ",".join(str(m["seed"]) for m in sorted(members, key=lambda m: (m["seed"] is None,
                                                                                              m["seed"] or 0)))
         group["runs"] = [m["run"] for m in members]
-        for metric in METRIC_KEYS + ("wall_time_s",):
+        for metric in _ALL_METRICS + ("wall_time_s",):
             mean, std, n = mean_std(m[metric] for m in members)
             group[f"{metric}_mean"], group[f"{metric}_std"], group[f"{metric}_n"] = mean, std, n
         out.append(group)
@@ -186,7 +192,7 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str], digits: int = 2
     columns = _drop_empty(columns, rows)
     head = [HEADERS.get(c, c) for c in columns]
     body = display_rows(rows, columns, digits)
-    numeric = {c for c in columns if c in METRIC_KEYS + ("wall_time_s", "n", "seed", "threshold")}
+    numeric = {c for c in columns if c in _ALL_METRICS + ("wall_time_s", "n", "seed", "threshold")}
     align = ["---:" if c in numeric else "---" for c in columns]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(align) + " |"]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |" for cells in body]
@@ -274,8 +280,13 @@ def run_summary_text(run: Run) -> str:
 
 
 # ------------------------------------------------------------------------------------------ bar chart
-def plot_compare_bars(groups: Sequence[dict]):
-    """AA and BWT per method (x), bars without / with MIGU side by side, error bars = sample std."""
+_BAR_TITLES = {"aa": "AA (higher is better)", "bwt": "BWT (closer to 0 is better)",
+               "ppl_avg": "avg perplexity (lower is better)", "ppl_forgetting": "perplexity forgetting (lower is better)"}
+
+
+def plot_compare_bars(groups: Sequence[dict], metrics: Sequence[tuple[str, str]] = (("aa", "AA (%)"), ("bwt", "BWT (%)"))):
+    """AA and BWT (or other `(key, axis label)` pairs) per method (x), bars without / with MIGU side by side,
+    error bars = sample std."""
     def x_name(g):
         return g["method"] + (f"\n{g['setting']}" if g.get("setting") else "")
 
@@ -288,7 +299,7 @@ def plot_compare_bars(groups: Sequence[dict]):
     axes = fig.subplots(1, 2)
     colors = {v: c for v, c in zip(variants, _variant_colors(len(variants)))}
     width = 0.8 / max(1, len(variants))
-    for ax, metric, name in zip(axes, ("aa", "bwt"), ("AA (%)", "BWT (%)")):
+    for ax, (metric, name) in zip(axes, metrics):
         for k, v in enumerate(variants):
             heights, errs, pos = [], [], []
             for i, x in enumerate(xs):
@@ -307,7 +318,7 @@ def plot_compare_bars(groups: Sequence[dict]):
         ax.set_ylabel(name)
         ax.axhline(0, color="black", linewidth=0.6)
         ax.grid(axis="y", alpha=0.3)
-        ax.set_title(name.split()[0] + (" (higher is better)" if metric == "aa" else " (closer to 0 is better)"),
+        ax.set_title(_BAR_TITLES.get(metric, name),
                      fontsize=10)
         ax.margins(y=0.15)
     handles, labels = axes[0].get_legend_handles_labels()
@@ -333,20 +344,29 @@ def write_compare(runs: Sequence[Run], out: str | Path) -> dict:
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    run_cols, group_cols, bars = compare_columns(runs)
     records = run_records(runs)
     groups = aggregate(records)
     md = ["# Comparison", "", f"{len(records)} run(s), {len(groups)} group(s) of runs that differ only by seed; "
           "metrics are mean ± sample std (n-1) over the group's seeds.", "",
-          markdown_table(groups, GROUP_COLUMNS), "", "## Runs", "", markdown_table(records, RUN_COLUMNS), "",
+          markdown_table(groups, group_cols), "", "## Runs", "", markdown_table(records, run_cols), "",
           "![AA and BWT](compare.png)", ""]
     files = []
     (out / "compare.md").write_text("\n".join(md), encoding="utf-8")
-    (out / "compare.csv").write_text(csv_text(groups, GROUP_COLUMNS), encoding="utf-8")
-    (out / "compare_runs.csv").write_text(csv_text(records, RUN_COLUMNS + ("path",)), encoding="utf-8")
+    (out / "compare.csv").write_text(csv_text(groups, group_cols), encoding="utf-8")
+    (out / "compare_runs.csv").write_text(csv_text(records, run_cols + ("path",)), encoding="utf-8")
     files += [out / "compare.md", out / "compare.csv", out / "compare_runs.csv"]
-    files.append(save(plot_compare_bars(groups), out / "compare.png"))
-    text = text_table(groups, GROUP_COLUMNS) if len(groups) < len(records) else text_table(records, RUN_COLUMNS)
-    return {"records": records, "groups": groups, "markdown": "\n".join(md), "text": text, "files": files}
+    files.append(save(plot_compare_bars(groups, bars), out / "compare.png"))
+    text = text_table(groups, group_cols) if len(groups) < len(records) else text_table(records, run_cols)
+    return {"records": records, "groups": groups, "markdown": "\n".join(md), "text": text, "files": files,
+            "run_columns": run_cols}
+
+
+def compare_columns(runs: Sequence[Run]) -> tuple[tuple, tuple, tuple]:
+    """(run columns, group columns, bar-chart metrics): the perplexity ones when every run is a pretrain run."""
+    if runs and all(run.is_perplexity for run in runs):
+        return PPL_RUN_COLUMNS, PPL_GROUP_COLUMNS, (("ppl_avg", "avg perplexity"), ("ppl_forgetting", "forgetting"))
+    return RUN_COLUMNS, GROUP_COLUMNS, (("aa", "AA (%)"), ("bwt", "BWT (%)"))
 
 
 __all__ = ["RUN_COLUMNS", "GROUP_COLUMNS", "aggregate", "csv_text", "flatten", "markdown_table",
