@@ -426,11 +426,14 @@ def load_run_model(run_dir: str | Path, base: bool = False):
     return model, tokenizer, cfg, method, source
 
 
-def task_batches(tokenizer, examples, max_length: int, batch_size: int, seed: int = 0) -> list[dict]:
-    """Encoded, length-grouped, padded batches of `examples` (as the runner trains on them)."""
+def task_batches(tokenizer, examples, max_length: int, batch_size: int, seed: int = 0, encoder=None) -> list[dict]:
+    """Encoded, length-grouped, padded batches of `examples` (as the runner trains on them).
+
+    `encoder(examples) -> items` replaces the answer-only encoding (a pretrain run's blocks).
+    """
     from migu.data import collate, encode, length_grouped_batches
 
-    items = encode(tokenizer, examples, max_length)
+    items = encoder(examples) if encoder is not None else encode(tokenizer, examples, max_length)
     order = length_grouped_batches([len(x["input_ids"]) for x in items], batch_size, seed)
     return [collate([items[i] for i in ix], tokenizer.pad_token_id) for ix in order]
 
@@ -444,11 +447,13 @@ def run_magnitudes(run_dir: str | Path, tasks: Optional[Sequence[str]] = None, n
     Writes `<run_dir>/magnitudes/<task>.pt` (first `n` examples of the task's `split`, `n=0`: all) and
     the plots of `write_magnitude_plots` into `<run_dir>/plots/`; returns every file written.
     """
-    from migu.train import load_tasks
+    from migu.scenarios import get_scenario
 
     run_dir = Path(run_dir)
     model, tokenizer, cfg, method, source = load_run_model(run_dir, base=base)
-    all_tasks = load_tasks(cfg)
+    scenario = get_scenario(cfg)  # finetune: the task stream; pretrain: the domains, packed into blocks
+    all_tasks = scenario.load_tasks()
+    scenario.prepare(tokenizer)
     by_name = {t.name: t for t in all_tasks}
     names = list(tasks) if tasks else [t.name for t in all_tasks]
     for name in names:
@@ -464,7 +469,8 @@ def run_magnitudes(run_dir: str | Path, tasks: Optional[Sequence[str]] = None, n
             examples = examples[:n] if n else examples
             if not examples:
                 raise ReportError(f"task {name!r} has no {split} examples")
-            batches = task_batches(tokenizer, examples, cfg.data.max_length, batch_size, cfg.seed)
+            batches = task_batches(tokenizer, examples, cfg.data.max_length, batch_size, cfg.seed,
+                                   encoder=lambda ex: scenario.encode(tokenizer, ex))
             mags = collect_task_magnitudes(model, batches, {"threshold": threshold, "target_modules": targets},
                                            progress=progress, desc=f"magnitudes {name}")
             written.append(save_task_magnitudes(mags, run_dir / MAGNITUDES / task_file_name(name)))
