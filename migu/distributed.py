@@ -21,8 +21,8 @@ The sharding rule (results do not depend on the number of processes):
     * DDP synchronises only on a rank's last micro-batch (`no_sync()` before), MIGU all-reduces its
       magnitude statistics (core, `sync=True`), so masks, clipping and the optimizer step are
       identical on every rank and the replicas stay bit-identical;
-    * evaluation: rank r evaluates the test examples r, r+W, … of every task; correct counts are summed
-      with all_reduce and every rank gets the same accuracy.
+    * evaluation: rank r evaluates the test examples r, r+W, … of every task; the ranks' records are
+      gathered and combined (correct counts, or token NLL sums for perplexity), identically on every rank.
 
 Only rank 0 writes files (see `migu.rundir`); `barrier()` orders rank 0's writes against the others' reads.
 This module imports only torch.
@@ -87,7 +87,9 @@ def resolve_device(setting: str = "auto") -> torch.device:
     if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise DistributedError("train.device=cuda: no CUDA device is available")
+        from migu.config import ConfigError  # lazily: this module depends on torch alone
+
+        raise ConfigError("train.device=cuda: no CUDA device is available (use auto or cpu)")
     index = int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
@@ -330,7 +332,8 @@ class StepRunner:
     def to_device(self, batch: dict) -> dict:
         if self.device.type == "cpu":
             return batch
-        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
 
     # ------------------------------------------------------------------ one micro-batch
     def micro_batch(self, last: bool):
