@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from migu.data import IGNORE_INDEX, DataError, Example, Task, collate, encode, encode_prompts
+from migu.data import IGNORE_INDEX, DataError, Example, Task, collate, encode, encode_prompts, on_model_device
 
 _TRAILING_PUNCT = ".,;:!?"
 
@@ -93,10 +93,6 @@ def evaluate_tasks(model, tokenizer, tasks: Sequence[Task], **kwargs) -> list[Ta
     return [evaluate_task(model, tokenizer, task, **kwargs) for task in tasks]
 
 
-def _on_device(batch: dict, model) -> dict:
-    """The batch's tensors on the model's device (a no-op on CPU)."""
-    device = next(model.parameters()).device
-    return batch if device.type == "cpu" else {k: v.to(device) for k, v in batch.items()}
 
 
 def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -116,7 +112,7 @@ def _generate(model, tokenizer, task, batch_size, max_length, max_new_tokens, on
                               eos_token_id=tokenizer.eos_token_id)
     predictions = [""] * len(items)
     for index in _batches([len(x["input_ids"]) for x in items], batch_size):
-        batch = _on_device(collate([items[i] for i in index], pad, padding_side="left"), model)
+        batch = on_model_device(collate([items[i] for i in index], pad, padding_side="left"), model)
         out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              generation_config=config)
         texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -145,7 +141,7 @@ def _rank(model, tokenizer, task, batch_size, max_length, on_batch) -> list[str]
     scores = torch.empty(len(items), dtype=torch.float64)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for index in _batches([len(x["input_ids"]) for x in items], batch_size):
-        batch = _on_device(collate([items[i] for i in index], pad, padding_side="right"), model)
+        batch = on_model_device(collate([items[i] for i in index], pad, padding_side="right"), model)
         scores[index] = sequence_logprobs(model, batch).double().cpu()
         if on_batch:
             on_batch(len(index) / len(task.labels))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from migu.data.collate import IGNORE_INDEX, collate
+from migu.data.collate import IGNORE_INDEX, collate, on_model_device
 
 
 @dataclass
@@ -52,6 +52,7 @@ def token_nll(model, items: Sequence[dict], batch_size: int = 16, pad_token_id: 
                 batch = collate([{"input_ids": items[i]["input_ids"],
                                   "labels": items[i].get("labels", items[i]["input_ids"])} for i in index],
                                 pad_token_id)
+                batch = on_model_device(batch, model)
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                use_cache=False).logits
                 # position t predicts labels[t + 1]; the last position predicts nothing (no copy of the logits)

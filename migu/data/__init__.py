@@ -3,7 +3,7 @@ format, seeded stratified subsampling, answer-only tokenisation and length-group
 
 from migu.data.benchmark import (ENV_VAR, default_data_dir, list_tasks, load_benchmark_stream,
                                  load_benchmark_task, resolve_order)
-from migu.data.collate import IGNORE_INDEX, collate, encode, encode_prompts, length_grouped_batches
+from migu.data.collate import IGNORE_INDEX, collate, encode, encode_prompts, length_grouped_batches, on_model_device
 from migu.data.custom import load_custom_stream
 from migu.data.prompts import ANSWER_SUFFIX, build_prompt
 from migu.data.records import DataError, Example, Task, read_records, stratified_indices, subsample, task_rng
@@ -17,6 +17,7 @@ __all__ = [
     "Task",
     "build_prompt",
     "collate",
+    "on_model_device",
     "default_data_dir",
     "encode",
     "encode_prompts",

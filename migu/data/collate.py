@@ -161,3 +161,9 @@ def _prompt_ids(tokenizer, prompts: Sequence[str], max_length: int, keep_last: i
             ids = ids[:head] + ids[len(ids) - keep_last:]
         out.append(ids)
     return out
+
+
+def on_model_device(batch: dict, model) -> dict:
+    """The batch's tensors on the device of `model`'s parameters (a no-op on CPU)."""
+    device = next(model.parameters()).device
+    return batch if device.type == "cpu" else {k: v.to(device) for k, v in batch.items()}

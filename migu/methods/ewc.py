@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from migu.data import IGNORE_INDEX, collate
+from migu.data import IGNORE_INDEX, collate, on_model_device
 from migu.methods.seq_ft import SeqFT
 
 
@@ -94,7 +94,7 @@ class EWC(SeqFT):
         for p in params.values():
             p.grad = None
         for _ in range(o.fisher_batches):
-            batch = collate(rng.sample(items, min(o.fisher_batch_size, len(items))), pad_id)
+            batch = on_model_device(collate(rng.sample(items, min(o.fisher_batch_size, len(items))), pad_id), model)
             answer_nll(model, batch).backward()
             for n, p in params.items():
                 if p.grad is not None:

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from migu.data import DataError, collate
+from migu.data import DataError, collate, on_model_device
 from migu.methods.replay import replay_count
 from migu.methods.seq_ft import SeqFT
 
@@ -115,7 +115,7 @@ class GeRe(SeqFT):
         hidden = []
         for start in range(0, len(self.items), 16):
             chunk = self.items[start:start + 16]
-            batch = collate(chunk, pad_id)
+            batch = on_model_device(collate(chunk, pad_id), model)
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         output_hidden_states=True, use_cache=False, logits_to_keep=1)
             hidden += [out.hidden_states[-1][r, :len(item["input_ids"])].float() for r, item in enumerate(chunk)]
