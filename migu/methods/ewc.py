@@ -75,6 +75,7 @@ class EWC(SeqFT):
 
     def before_task(self, index, tasks, ctx):
         self.params = {n: p for n, p in ctx.model.named_parameters() if p.requires_grad}
+        self.fisher = {n: f.to(self.params[n].device) if n in self.params else f for n, f in self.fisher.items()}
         self.anchor = {n: p.detach().clone() for n, p in self.params.items() if n in self.fisher}
 
     def penalty(self) -> torch.Tensor:

@@ -148,7 +148,8 @@ class GeRe(SeqFT):
         if not found:
             return None
         h = outputs.hidden_states[-1]
-        losses = [margin_loss(h[r, :len(self.states[j])].float(), self.states[j], self.lo, self.hi).mean()
+        lo, hi = self.lo.to(h.device), self.hi.to(h.device)  # a resumed state is loaded on the CPU
+        losses = [margin_loss(h[r, :len(self.states[j])].float(), self.states[j].to(h.device), lo, hi).mean()
                   for r, j in found]
         return self.options.tm_weight * torch.stack(losses).mean()
 
