@@ -227,22 +227,26 @@ def absolute_paths(cfg) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ text output
-def _ppl(x, width: int = 9) -> str:
-    return f"{x:>{width}.2f}" if isinstance(x, (int, float)) else f"{'-':>{width}}"
+def matrix_table(summary: dict, title: str, decimals: int, metric_line: str) -> str:
+    """A run's matrix as text: header `title` + task names, rows untrained + after each phase, metrics."""
+    def cell(x, width):
+        return f"{x:>{width}.{decimals}f}" if isinstance(x, (int, float)) else f"{'-':>{width}}"
+
+    cols = summary["tasks"]
+    width = max([len(t) for t in cols] + [6 + decimals]) + 1
+    label_w = max([len("after " + n) for n in summary["row_names"]] + [len(title), len("untrained")]) + 1
+    lines = [title.ljust(label_w) + "".join(t.rjust(width) for t in cols)]
+    if summary.get("r0") is not None:
+        lines.append("untrained".ljust(label_w) + "".join(cell(x, width) for x in summary["r0"]))
+    for name, row in zip(summary["row_names"], summary["matrix"]):
+        lines.append(f"after {name}".ljust(label_w) + "".join(cell(x, width) for x in row))
+    lines.append(metric_line + f"   ({summary.get('wall_time_s', 0):.0f}s)")
+    return "\n".join(lines)
 
 
 def format_perplexity_matrix(summary: dict) -> str:
     """The perplexity matrix (rows: untrained + one per phase) and its metrics as text."""
-    cols = summary["tasks"]
-    width = max([len(t) for t in cols] + [8]) + 1
-    label_w = max([len("after " + n) for n in summary["row_names"]] + [len("perplexity")]) + 1
-    lines = ["perplexity".ljust(label_w) + "".join(t.rjust(width) for t in cols)]
-    if summary.get("r0") is not None:
-        lines.append("untrained".ljust(label_w) + "".join(_ppl(x, width) for x in summary["r0"]))
-    for name, row in zip(summary["row_names"], summary["matrix"]):
-        lines.append(f"after {name}".ljust(label_w) + "".join(_ppl(x, width) for x in row))
-    lines.append(perplexity_metric_line(summary) + f"   ({summary.get('wall_time_s', 0):.0f}s)")
-    return "\n".join(lines)
+    return matrix_table(summary, "perplexity", 2, perplexity_metric_line(summary))
 
 
 def format_perplexity_comparison(runs: dict) -> str:

@@ -41,7 +41,7 @@ from migu.methods import Context, get_method
 from migu.models import load_model_and_tokenizer
 from migu.rundir import RunDir, RunDirError
 from migu.scenarios import absolute_paths as _scenario_paths
-from migu.scenarios import format_perplexity_comparison, format_perplexity_matrix, get_scenario
+from migu.scenarios import format_perplexity_comparison, format_perplexity_matrix, get_scenario, matrix_table
 
 __all__ = ["run", "load_tasks", "step_loss", "seed_everything", "phase_seed"]
 
@@ -523,17 +523,9 @@ def format_matrix(summary: dict) -> str:
     """The accuracy matrix (rows: untrained + one per phase) and AA/BWT/FWT/forgetting as text."""
     if summary.get("scenario") == "pretrain":
         return format_perplexity_matrix(summary)
-    tasks = summary["tasks"]
-    width = max([len(t) for t in tasks] + [7]) + 1
-    label_w = max([len("after " + n) for n in summary["row_names"]] + [len("untrained")]) + 1
-    lines = ["accuracy (%)".ljust(label_w) + "".join(t.rjust(width) for t in tasks)]
-    if summary.get("r0") is not None:
-        lines.append("untrained".ljust(label_w) + "".join(_num(x, width) for x in summary["r0"]))
-    for name, row in zip(summary["row_names"], summary["matrix"]):
-        lines.append(f"after {name}".ljust(label_w) + "".join(_num(x, width) for x in row))
-    lines.append("  ".join(f"{k.upper() if k != 'forgetting' else k} {_num(summary.get(k), 0).strip()}"
-                           for k in ("aa", "bwt", "fwt", "forgetting")) + f"   ({summary.get('wall_time_s', 0):.0f}s)")
-    return "\n".join(lines)
+    metrics = "  ".join(f"{k.upper() if k != 'forgetting' else k} {_num(summary.get(k), 0).strip()}"
+                        for k in ("aa", "bwt", "fwt", "forgetting"))
+    return matrix_table(summary, "accuracy (%)", 1, metrics)
 
 
 def format_comparison(result: dict) -> str:
