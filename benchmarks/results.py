@@ -41,15 +41,17 @@ LR = {"seq-ft": 5e-5, "replay": 5e-5, "seq-lora": 1e-3, "o-lora": 1e-3, "inc-lor
 SEEDS = (0, 1, 2)
 
 
-def _runs(methods, orders, seeds, benchmark, thresholds=(None, 0.7)):
+def _runs(methods, orders, seeds, benchmark, thresholds=(None, 0.7), extra=None):
+    # seed-major, then order: a table stopped part-way holds whole seeds (every condition once) first
     runs = []
-    for order in orders:
-        for method in methods:
-            for t in thresholds:
-                for seed in seeds:
+    for seed in seeds:
+        for order in orders:
+            for method in methods:
+                for t in thresholds:
                     tag = "base" if t is None else f"migu{t}"
-                    sets = {**SETTINGS, "data.benchmark": benchmark, "data.order": order, "method.name": method,
-                            "train.lr": LR[method], "seed": seed, "migu.enabled": t is not None}
+                    sets = {**SETTINGS, **(extra or {}), "data.benchmark": benchmark, "data.order": order,
+                            "method.name": method, "train.lr": LR[method], "seed": seed,
+                            "migu.enabled": t is not None}
                     if t is not None:
                         sets["migu.threshold"] = t
                     runs.append((f"o{order}-{method}-{tag}-s{seed}", sets))
@@ -72,7 +74,20 @@ def _version() -> str:
         return "unknown"
 
 
-def run_table(table: str, runs, list_only: bool) -> None:
+def shard(runs: list, spec: str | None) -> list:
+    """The runs of shard "K/N" (every N-th run from the K-th, K in 0..N-1); all runs when spec is None."""
+    if spec is None:
+        return runs
+    try:
+        k, n = (int(x) for x in spec.split("/"))
+        if not 0 <= k < n:
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"error: --shard must be K/N with 0 <= K < N, got {spec!r}") from None
+    return runs[k::n]
+
+
+def run_table(table: str, runs, list_only: bool, threads: int | None = None) -> None:
     from migu.config import load_config
     from migu.train import run
 
@@ -85,13 +100,15 @@ def run_table(table: str, runs, list_only: bool) -> None:
             continue
         run_dir = ROOT / "runs" / "results" / table / name
         overrides = [f"{k}={v}" for k, v in sets.items()] + [f"output_dir={run_dir}", f"name={table}-{name}"]
+        if threads:  # not a setting: float results may differ in the last bits, never the protocol
+            overrides.append(f"threads={threads}")
         resume = (run_dir / "config.yaml").is_file()
         cfg = load_config(run_dir / "config.yaml") if resume else load_config(None, overrides)
         print(f"{'resume' if resume else 'start '} {table}/{name}", flush=True)
         summary = run(cfg, resume=resume, output_dir=str(run_dir), quiet=True)
         keep = {k: summary.get(k) for k in ("aa", "bwt", "fwt", "forgetting", "tasks", "matrix", "r0", "method",
                                              "migu", "seed", "lr", "wall_time_s", "git_commit", "versions")}
-        keep.update(table=table, run=name, settings=sets, code_version=_version())
+        keep.update(table=table, run=name, settings=sets, code_version=_version(), threads=cfg.threads)
         target.write_text(json.dumps(keep, indent=1) + "\n")
         print(f"done   {table}/{name}: AA {summary['aa']:.1f} BWT {summary.get('bwt')}", flush=True)
 
@@ -150,6 +167,9 @@ def main(argv=None):
     p.add_argument("--orders", type=lambda s: [int(x) for x in s.split(",")], default=None)
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=list(SEEDS))
     p.add_argument("--list", action="store_true", help="only list the runs and whether they are done")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="run only every N-th run from the K-th (run N shards side by side, one per core)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: torch's)")
     a = p.parse_args(argv)
     if a.table == "render":
         print(f"wrote {render()}")
@@ -157,7 +177,7 @@ def main(argv=None):
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "overhead.py")], check=True)
         print(f"wrote {render()}")
     else:
-        run_table(a.table, TABLES[a.table](a), a.list)
+        run_table(a.table, shard(TABLES[a.table](a), a.shard), a.list, a.threads)
         render()
 
 
