@@ -181,9 +181,12 @@ class EvalConfig:
     """Generation length; null: per task, the longest label's token count + 2."""
     untrained: bool = True
     """Also evaluate the model before any training (row `untrained`, needed for FWT)."""
+    matrix: str = "full"
+    """Cells of R evaluated: `full` (every task after every task) or `diagonal` (after task i only tasks i and i+1, the cells BWT and FWT need, and every task after the last; a 15-task stream evaluates 4x fewer cells; forgetting is then not measured)."""
 
     def validate(self) -> None:
         _check(self.mode in ("generate", "rank"), "eval.mode", self.mode, "must be 'generate' or 'rank'")
+        _check(self.matrix in ("full", "diagonal"), "eval.matrix", self.matrix, "must be 'full' or 'diagonal'")
         _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
         _check(self.max_new_tokens is None or self.max_new_tokens >= 1, "eval.max_new_tokens",
                self.max_new_tokens, "must be >= 1 or null")
@@ -334,6 +337,8 @@ class RunConfig:
         _check(self.scenario in SCENARIOS, "scenario", self.scenario, "must be " + " or ".join(map(repr, SCENARIOS)))
         for section in (self.model, self.data, self.pretrain, self.train, self.eval, self.migu, self.method):
             section.validate()
+        _check(self.eval.matrix == "full" or self.scenario == "finetune", "eval.matrix", self.eval.matrix,
+               "'diagonal' needs scenario 'finetune' (a pretrain run evaluates every domain)")
         _check_engine(self)
         return self
 

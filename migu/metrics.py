@@ -12,7 +12,9 @@ forgetting metrics are undefined for it (``None``). Pass ``mtl=False`` to read s
 row of an unfinished sequential run instead.
 
 Metrics that need at least two tasks (BWT, FWT, forgetting) are ``None``, not 0.0, when ``T == 1``:
-"no measurement" must not look like "no forgetting" in tables.
+"no measurement" must not look like "no forgetting" in tables. For the same reason a metric is ``None``
+when a cell it needs is ``None`` (not evaluated: ``eval.matrix: diagonal`` evaluates only R[i][i],
+R[i][i+1] and the last row, so AA, BWT and FWT are measured and forgetting is not).
 """
 
 from __future__ import annotations
@@ -22,8 +24,14 @@ from collections.abc import Sequence
 Matrix = Sequence[Sequence[float]]
 
 
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+def _mean(values: list) -> float | None:
+    if not values or any(v is None for v in values):  # a missing cell: no measurement, not a guess
+        return None
+    return sum(float(v) for v in values) / len(values)
+
+
+def _cell(x) -> float | None:
+    return None if x is None else float(x)
 
 
 def _is_mtl(R: Matrix, mtl: bool | None) -> bool:
@@ -46,9 +54,9 @@ def average_accuracy(R: Matrix, mtl: bool | None = None) -> float | None:
     For an MTL row: the mean of that row. ``None`` for an empty matrix.
     """
     if _is_mtl(R, mtl):
-        return _mean([float(x) for x in R[0]])
+        return _mean([_cell(x) for x in R[0]])
     T = square_size(R)
-    return _mean([float(R[T - 1][j]) for j in range(T)]) if T else None
+    return _mean([_cell(R[T - 1][j]) for j in range(T)]) if T else None
 
 
 def backward_transfer(R: Matrix, mtl: bool | None = None) -> float | None:
@@ -59,7 +67,8 @@ def backward_transfer(R: Matrix, mtl: bool | None = None) -> float | None:
     T = square_size(R)
     if _is_mtl(R, mtl) or T < 2:
         return None
-    return _mean([float(R[T - 1][j]) - float(R[j][j]) for j in range(T - 1)])
+    return _mean([None if R[T - 1][j] is None or R[j][j] is None else float(R[T - 1][j]) - float(R[j][j])
+                  for j in range(T - 1)])
 
 
 def forgetting(R: Matrix, mtl: bool | None = None) -> float | None:
@@ -72,7 +81,11 @@ def forgetting(R: Matrix, mtl: bool | None = None) -> float | None:
     T = square_size(R)
     if _is_mtl(R, mtl) or T < 2:
         return None
-    return _mean([max(float(R[i][j]) for i in range(j, T - 1)) - float(R[T - 1][j]) for j in range(T - 1)])
+    drops = []
+    for j in range(T - 1):
+        seen = [R[i][j] for i in range(j, T - 1)] + [R[T - 1][j]]
+        drops.append(None if any(x is None for x in seen) else max(map(float, seen[:-1])) - float(seen[-1]))
+    return _mean(drops)
 
 
 def forward_transfer(R: Matrix, r0: Sequence[float] | None, mtl: bool | None = None) -> float | None:
@@ -84,7 +97,8 @@ def forward_transfer(R: Matrix, r0: Sequence[float] | None, mtl: bool | None = N
     T = square_size(R)
     if _is_mtl(R, mtl) or T < 2 or r0 is None:
         return None
-    return _mean([float(R[j - 1][j]) - float(r0[j]) for j in range(1, T)])
+    return _mean([None if R[j - 1][j] is None or r0[j] is None else float(R[j - 1][j]) - float(r0[j])
+                  for j in range(1, T)])
 
 
 def summarize(R: Matrix, r0: Sequence[float] | None = None, mtl: bool | None = None) -> dict:
@@ -101,8 +115,8 @@ def summarize(R: Matrix, r0: Sequence[float] | None = None, mtl: bool | None = N
         "bwt": backward_transfer(R, mtl=is_mtl),
         "fwt": forward_transfer(R, r0, mtl=is_mtl),
         "forgetting": forgetting(R, mtl=is_mtl),
-        "final_row": [float(x) for x in R[0]] if is_mtl else [float(x) for x in R[T - 1][:T]] if T else [],
-        "diagonal": None if is_mtl else [float(R[j][j]) for j in range(T)],
+        "final_row": [_cell(x) for x in R[0]] if is_mtl else [_cell(x) for x in R[T - 1][:T]] if T else [],
+        "diagonal": None if is_mtl else [_cell(R[j][j]) for j in range(T)],
     }
 
 

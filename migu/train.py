@@ -430,8 +430,16 @@ class _Run:
         self.out.line(f"trained {name} ({index + 1}/{len(self.phases)}): {step} steps, mean loss {mean:.4f}, "
                       f"{time.time() - t0:.0f}s")
 
-    def _evaluate(self, stage: int, after: str) -> list[float]:
-        eval_sets = self.scenario.eval_sets
+    def _columns(self, stage: int) -> set[int]:
+        """The matrix columns evaluated after phase `stage` (-1: the untrained model); see eval.matrix."""
+        every = set(range(len(self.scenario.eval_sets)))
+        if self.cfg.eval.matrix == "full" or stage < 0 or stage == len(self.phases) - 1:
+            return every
+        return {stage, stage + 1} & every  # R[i][i] for BWT, R[i][i+1] for FWT
+
+    def _evaluate(self, stage: int, after: str) -> list[Optional[float]]:
+        columns = self._columns(stage)
+        eval_sets = [t for j, t in enumerate(self.scenario.eval_sets) if j in columns]
         total = sum(len(distributed.shard_rows(t.test)) for t in eval_sets)  # this rank's share
         bar = self.out.bar(total, f"eval after {after}")
         t0 = time.time()
@@ -442,7 +450,10 @@ class _Run:
 
         try:
             with self.method.eval_context(self.model), distributed.autocast(self.device, self.cfg.train.precision):
-                for task in eval_sets:
+                for j, task in enumerate(self.scenario.eval_sets):
+                    if j not in columns:
+                        row.append(None)  # not evaluated (eval.matrix: diagonal)
+                        continue
                     # several processes: each evaluates a strided share, the records are combined on every rank
                     value, record = distributed.evaluate_sharded(evaluate, task, on_batch=bar.update)
                     row.append(value)
@@ -450,7 +461,7 @@ class _Run:
         finally:
             bar.close()
         self.model.train()
-        cells = "  ".join(f"{n} {a:.1f}" for n, a in zip(self.task_names, row))
+        cells = "  ".join(f"{n} {a:.1f}" for n, a in zip(self.task_names, row) if a is not None)
         self.out.line(f"eval after {after}: {cells}  ({time.time() - t0:.0f}s)")
         return row
 
