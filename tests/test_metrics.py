@@ -98,3 +98,20 @@ def test_integer_inputs_give_floats():
     s = summarize(R, [0, 0])
     assert s["aa"] == 0.5 and isinstance(s["aa"], float)
     assert s["bwt"] == -1.0 and s["forgetting"] == 1.0 and s["fwt"] == 0.0
+
+
+def test_missing_cells_give_none_not_a_guess():
+    # eval.matrix: diagonal — only R[i][i], R[i][i+1] and the last row evaluated
+    R = [
+        [80.0, 10.0, None],
+        [None, 90.0, 30.0],
+        [50.0, 70.0, 95.0],
+    ]
+    assert average_accuracy(R) == pytest.approx(215 / 3)
+    assert backward_transfer(R) == pytest.approx(-25.0)
+    assert forward_transfer(R, R0) == pytest.approx(13.0)
+    assert forgetting(R) is None  # needs max(R[0][0], R[1][0]); R[1][0] is missing
+    s = summarize(R, R0)
+    assert s["diagonal"] == [80.0, 90.0, 95.0] and s["final_row"] == [50.0, 70.0, 95.0]
+    # an unfinished diagonal run: the live AA needs R[1][0], so it is not measured either
+    assert average_accuracy(R[:2]) is None and backward_transfer(R[:2]) is None

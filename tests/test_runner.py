@@ -294,3 +294,49 @@ def test_compare_migu_runs_both_and_shares_r0(tmp_path, tiny_llama_dir):
 
     text = format_comparison(result)
     assert "no MIGU" in text and "MIGU (T=0.7" in text and "aa" in text
+
+
+def test_diagonal_eval_matrix_evaluates_only_the_cells_bwt_and_fwt_need(tmp_path, tiny_llama_dir, stream):
+    full = run(tiny_config(tiny_llama_dir, stream, tmp_path / "full"), quiet=True)
+    out = tmp_path / "diag"
+    diag = run(tiny_config(tiny_llama_dir, stream, out, **{"eval.matrix": "diagonal"}), quiet=True)
+    F, D = full["matrix"], diag["matrix"]
+    # after task 0: tasks 0 and 1; after task 1: tasks 1 and 2; after the last: every task
+    assert [[x is not None for x in row] for row in D] == [[True, True, False], [False, True, True], [True] * 3]
+    # evaluation does not touch training: each evaluated cell equals the full run's
+    assert all(D[i][j] == F[i][j] for i in range(3) for j in range(3) if D[i][j] is not None)
+    assert train_losses(out) == train_losses(tmp_path / "full") and diag["r0"] == full["r0"]
+    for key in ("aa", "bwt", "fwt"):
+        assert diag[key] == pytest.approx(full[key])
+    assert diag["forgetting"] is None  # it needs R[1][0], which was not evaluated
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert [(r["stage"], r["task"]) for r in evals if r["stage"] >= 0] == [
+        (0, "colors"), (0, "animals"), (1, "animals"), (1, "moods"), (2, "colors"), (2, "animals"), (2, "moods")]
+    lines = (out / "accuracy_matrix.csv").read_text().splitlines()
+    assert lines[2].endswith(",") and lines[3].split(",")[1] == ""  # not evaluated: empty cells
+
+
+def test_diagonal_eval_matrix_resumes_and_plots(tmp_path, tiny_llama_dir, stream, monkeypatch):
+    import migu.train as train_mod
+
+    straight = run(tiny_config(tiny_llama_dir, stream, tmp_path / "a", **{"eval.matrix": "diagonal"}), quiet=True)
+    real = train_mod._Run._train_phase
+
+    def crash_on_third(self, index, *a, **k):
+        if index == 2:
+            raise KeyboardInterrupt
+        return real(self, index, *a, **k)
+
+    monkeypatch.setattr(train_mod._Run, "_train_phase", crash_on_third)
+    cfg = tiny_config(tiny_llama_dir, stream, tmp_path / "b", **{"eval.matrix": "diagonal"})
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, quiet=True)
+    assert json.loads((tmp_path / "b" / "state.json").read_text())["rows"] == straight["matrix"][:2]
+    monkeypatch.setattr(train_mod._Run, "_train_phase", real)
+    from migu.config import load_config
+
+    resumed = run(load_config(tmp_path / "b" / "config.yaml"), resume=True, quiet=True)
+    assert resumed["matrix"] == straight["matrix"] and resumed["bwt"] == straight["bwt"]
+    from migu.report.plots import write_run_plots
+
+    assert all(p.stat().st_size > 0 for p in write_run_plots(tmp_path / "b"))
