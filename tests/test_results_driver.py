@@ -1,0 +1,70 @@
+"""benchmarks/results.py: the run grid, sharding, and docs/RESULTS.md rendered from summary JSONs."""
+
+import importlib.util
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("bench_results", ROOT / "benchmarks" / "results.py")
+results = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(results)
+
+
+class _Args:
+    orders = None
+    seeds = [0, 1, 2]
+
+
+def test_grid_is_seed_major_and_settings_differ_only_per_run():
+    runs = results.TABLES["table1"](_Args())
+    assert len(runs) == 4 * 2 * 3
+    assert [name for name, _ in runs[:8]] == [f"o1-{m}-{t}-s0" for m in ("seq-ft", "seq-lora", "replay", "o-lora")
+                                              for t in ("base", "migu0.7")]
+    shared = [{k: v for k, v in s.items() if k not in results._PER_RUN} for _, s in runs]
+    assert all(x == shared[0] for x in shared) and shared[0]["data.train_per_task"] == 64
+    long = results.TABLES["table2"](_Args())
+    assert len(long) == 8 and all(s["data.benchmark"] == "long" and s["eval.matrix"] == "diagonal" for _, s in long)
+    assert [t for _, s in results.TABLES["table3"](_Args()) for t in [s["migu.threshold"]]] == [0.0, 0.3, 0.5, 0.7, 0.9]
+
+
+def test_shards_partition_the_runs():
+    runs = list(range(11))
+    parts = [results.shard(runs, f"{k}/3") for k in range(3)]
+    assert sorted(sum(parts, [])) == runs and parts[1] == [1, 4, 7, 10]
+    assert results.shard(runs, None) == runs
+    with pytest.raises(SystemExit, match="--shard must be K/N"):
+        results.shard(runs, "3/3")
+
+
+def _summary(method, migu, seed, aa, bwt, wall):
+    settings = {"model.name": "m", "data.train_per_task": 64, "data.order": 1, "method.name": method,
+                "train.lr": 1e-3, "seed": seed, "migu.enabled": migu}
+    if migu:
+        settings["migu.threshold"] = 0.7
+    return {"aa": aa, "bwt": bwt, "fwt": 10.0, "forgetting": -bwt, "matrix": [[50.0, 0.0], [30.0, 70.0]],
+            "r0": [0.0, 2.0], "seed": seed, "lr": 1e-3, "wall_time_s": wall, "settings": settings,
+            "code_version": "abc1234", "threads": 1}
+
+
+def test_render_groups_seeds_and_pairs_migu_with_base(tmp_path):
+    out = tmp_path / "results" / "table1"
+    out.mkdir(parents=True)
+    cases = [("seq-lora", False, 0, 40.0, -10.0, 100.0), ("seq-lora", False, 1, 50.0, -20.0, 110.0),
+             ("seq-lora", True, 0, 45.0, -4.0, 105.0), ("seq-lora", True, 1, 48.0, -6.0, 115.0)]
+    for method, migu, seed, aa, bwt, wall in cases:
+        name = f"o1-{method}-{'migu0.7' if migu else 'base'}-s{seed}.json"
+        (out / name).write_text(json.dumps(_summary(method, migu, seed, aa, bwt, wall)))
+    text = results.render(tmp_path).read_text()
+    # base: AA mean 45.0, sample std 7.1; BWT −15.0 ± 7.1; learned = mean(50, 70) = 60; untrained 1.0
+    sd = statistics.stdev([40.0, 50.0])
+    assert f"| 1 | seq-lora | – | 0.001 | 0,1 | 45.0 ± {sd:.1f} | -15.0 ± {sd:.1f} | +10.0 ± 0.0 | 15.0 ± {sd:.1f} | " \
+           f"60.0 ± 0.0 | 1.0 ± 0.0 | 105 |" in text
+    assert "| 1 | seq-lora | 0.7 | 0.001 | 0,1 | 46.5 ± 2.1 | -5.0 ± 1.4 |" in text
+    # paired deltas: AA +5, −2 → +1.5 ± 4.9; BWT +6, +14 → +10.0 ± 5.7; MIGU higher in 1 of 2
+    assert "| seq-lora | 2 | +1.5 ± 4.9 | +10.0 ± 5.7 | 1/2 |" in text
+    assert "`data.train_per_task=64`" in text and "`seed=" not in text and "code versions: abc1234" in text
+    assert "| table1 | seq-lora | 2 / 2 | 1 | 105 | 110 | ×1.05 |" in text
+    assert "Table 2" in text and "Not run yet." in text
