@@ -186,16 +186,7 @@ class RunDir:
             f.write(json.dumps(record, default=_jsonable) + "\n")
 
     def read_metrics(self) -> list[dict]:
-        path = self.path / METRICS
-        if not path.is_file():
-            return []
-        records = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill mid-write
-        return records
+        return read_jsonl(self.path / METRICS)
 
     def keep_metrics(self, keep: Callable[[dict], bool]) -> None:
         """Rewrite metrics.jsonl with only the records for which `keep` is true (resume drops lost work)."""
@@ -252,6 +243,19 @@ class RunDir:
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 tmp.unlink(missing_ok=True)
+
+
+def read_jsonl(path: Path) -> list:
+    """The records of a JSON-lines file ([] when absent); a line cut by a kill mid-write is skipped."""
+    if not Path(path).is_file():
+        return []
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def _fmt(x) -> str:

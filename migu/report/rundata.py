@@ -29,13 +29,13 @@ from typing import Any, Iterable, Optional
 import yaml
 
 from migu.metrics import summarize, summarize_perplexity
+from migu.rundir import METRICS, read_jsonl
 
 SUMMARY = "summary.json"
 MATRIX = "accuracy_matrix.csv"
 PPL_MATRIX = "perplexity_matrix.csv"
 STATE = "state.json"
 CONFIG = "config.yaml"
-METRICS = "metrics.jsonl"
 METRIC_KEYS = ("aa", "bwt", "fwt", "forgetting")
 PPL_METRIC_KEYS = ("ppl_avg", "ppl_forgetting", "ppl_forgetting_rel", "ppl_general0", "ppl_general",
                    "ppl_general_drift", "ppl_general_drift_rel")
@@ -162,18 +162,8 @@ class Run:
 
     def training_losses(self) -> list[dict]:
         """The `train` records of metrics.jsonl (`stage`, `task`, `step`, `loss`, ...); [] when absent."""
-        path = self.path / METRICS
-        if not path.is_file():
-            return []
-        records = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill mid-write
-            if isinstance(record, dict) and record.get("type") == "train" and _is_number(record.get("loss")):
-                records.append(record)
-        return records
+        return [r for r in read_jsonl(self.path / METRICS)
+                if isinstance(r, dict) and r.get("type") == "train" and _is_number(r.get("loss"))]
 
 
 def _fmt_t(t) -> str:
