@@ -4,6 +4,7 @@
     python benchmarks/results.py table2            # long benchmark (order 4): seq-ft/seq-lora/inc-lora/o-lora ± MIGU
     python benchmarks/results.py table3            # threshold ablation T ∈ {0, .3, .5, .7, .9} (seq-ft + MIGU)
     python benchmarks/results.py table4            # cost: overhead ratios (benchmarks/overhead.py) + wall times
+    python benchmarks/results.py evidence          # magnitude similarity of the table1 tasks (seq-ft runs, seed 0)
     python benchmarks/results.py render            # docs/RESULTS.md from results/*/*.json
     python benchmarks/results.py table1 --list     # what would run, and what is done
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -116,6 +118,70 @@ def run_table(table: str, runs, list_only: bool, threads: int | None = None) -> 
         keep.update(table=table, run=name, settings=sets, code_version=_version(), threads=cfg.threads)
         target.write_text(json.dumps(keep, indent=1) + "\n")
         print(f"done   {table}/{name}: AA {summary['aa']:.1f} BWT {summary.get('bwt')}", flush=True)
+
+
+EVIDENCE_RUNS = ("o1-seq-ft-base-s0", "o1-seq-ft-migu0.7-s0")  # table1 runs whose final models are measured
+
+
+def evidence(n: int = 32, root: Path = ROOT) -> Path:
+    """results/evidence/magnitudes.json: how alike the tasks' MIGU magnitude vectors are.
+
+    For the base model and the final model of each EVIDENCE_RUNS run: per-task magnitudes on the first `n`
+    training examples (`migu magnitudes`), the task × task cosine and centred cosine (mean over layers),
+    and the overlap of the kept-unit sets (top 30%) per pair, against the overlap of random sets.
+    """
+    from migu.report.magnitudes import (MAGNITUDES, chance_overlap, load_magnitudes, overlap_by_layer,
+                                        run_magnitudes, similarity_matrix)
+
+    out = {"n_examples": n, "threshold": 0.7, "models": {}, "code_version": _version()}
+    for name in EVIDENCE_RUNS:
+        run_dir = root / "runs" / "results" / "table1" / name
+        if not (run_dir / "summary.json").is_file():
+            raise SystemExit(f"error: {run_dir}: not finished (run `python benchmarks/results.py table1` first)")
+        for label, base in (("untrained", True), (name, False)):
+            if label in out["models"]:
+                continue
+            where = run_dir / ("magnitudes_base" if base else MAGNITUDES)
+            run_magnitudes(run_dir, n=n, threshold=0.7, base=base, progress=False)
+            if base:  # run_magnitudes writes magnitudes/; keep the base model's apart
+                shutil.rmtree(where, ignore_errors=True)
+                (run_dir / MAGNITUDES).replace(where)
+            order = json.loads((run_dir / "summary.json").read_text())["tasks"]
+            mags = load_magnitudes(where, task_order=order)
+            tasks, cos = similarity_matrix(mags)
+            _, centred = similarity_matrix(mags, centered=True)
+            layers, pairs, values = overlap_by_layer(mags, 0.7)
+            sizes = [mags[tasks[0]][layer].numel() for layer in layers]
+            out["models"][label] = {
+                "tasks": tasks, "cosine": cos, "centred_cosine": centred,
+                "kept_overlap": {f"{a}|{b}": statistics.mean(v[p] for v in values) for p, (a, b) in enumerate(pairs)},
+                "chance_overlap": statistics.mean(chance_overlap(d, 0.7) for d in sizes), "layers": len(layers)}
+    path = root / "results" / "evidence" / "magnitudes.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    return path
+
+
+def evidence_lines(root: Path = ROOT) -> list[str]:
+    path = root / "results" / "evidence" / "magnitudes.json"
+    if not path.exists():
+        return ["Not run yet (`python benchmarks/results.py evidence`).", ""]
+    e = json.loads(path.read_text())
+    lines = [f"Magnitude vectors of each task measured on its first {e['n_examples']} training examples "
+             f"(`python benchmarks/results.py evidence`, code {e['code_version']}). Pairwise over tasks: cosine of "
+             "the magnitude vectors, centred cosine (each vector minus its mean: how differently two tasks rank "
+             "the units), and the fraction of MIGU's kept units (top 30%) two tasks share, mean over layers.", "",
+             "| model | cosine (min–max) | centred cosine (min–max) | kept-unit overlap (min–max) | chance overlap |",
+             "|---|---|---|---|---|"]
+    for label, m in e["models"].items():
+        k = len(m["tasks"])
+        off = [(i, j) for i in range(k) for j in range(i + 1, k)]
+        cos = [m["cosine"][i][j] for i, j in off]
+        cen = [m["centred_cosine"][i][j] for i, j in off]
+        ov = list(m["kept_overlap"].values())
+        lines.append(f"| {label} | {min(cos):.3f}–{max(cos):.3f} | {min(cen):.2f}–{max(cen):.2f} | "
+                     f"{min(ov):.2f}–{max(ov):.2f} | {m['chance_overlap']:.2f} |")
+    return lines + [""]
 
 
 def _fmt(values, signed: bool = False):
@@ -229,6 +295,8 @@ def render(root: Path = ROOT) -> Path:
             lines += ["Not run yet.", ""]
             continue
         lines += [settings_line(runs), "", *table_lines(runs), "", *delta_lines(runs)]
+    lines += ["## Why MIGU can or cannot separate the tasks here: magnitude similarity", "",
+              *evidence_lines(root)]
     lines += ["## Table 4 — cost", "", "`python benchmarks/overhead.py` (step time) and the wall times of the runs above.", ""]
     over = root / "results" / "overhead" / "overhead.json"
     if over.exists():
@@ -250,7 +318,7 @@ def render(root: Path = ROOT) -> Path:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("table", choices=[*TABLES, "table4", "render"])
+    p.add_argument("table", choices=[*TABLES, "table4", "evidence", "render"])
     p.add_argument("--orders", type=lambda s: [int(x) for x in s.split(",")], default=None)
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=list(SEEDS))
     p.add_argument("--list", action="store_true", help="only list the runs and whether they are done")
@@ -259,6 +327,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: torch's)")
     a = p.parse_args(argv)
     if a.table == "render":
+        print(f"wrote {render()}")
+    elif a.table == "evidence":
+        print(f"wrote {evidence()}")
         print(f"wrote {render()}")
     elif a.table == "table4":
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "overhead.py")], check=True)

@@ -68,3 +68,29 @@ def test_render_groups_seeds_and_pairs_migu_with_base(tmp_path):
     assert "`data.train_per_task=64`" in text and "`seed=" not in text and "code versions: abc1234" in text
     assert "| table1 | seq-lora | 2 / 2 | 1 | 105 | 110 | ×1.05 |" in text
     assert "Table 2" in text and "Not run yet." in text
+
+
+def test_evidence_measures_the_base_and_final_models(tmp_path, tiny_llama_dir):
+    from migu.train import run
+    from tests.runner_helpers import tiny_config, write_stream
+
+    stream = write_stream(tmp_path / "data")
+    for name, migu in zip(results.EVIDENCE_RUNS, (False, True)):
+        run(tiny_config(tiny_llama_dir, stream, tmp_path / "runs" / "results" / "table1" / name,
+                        **{"migu.enabled": migu}), quiet=True)
+    e = json.loads(results.evidence(n=6, root=tmp_path).read_text())
+    assert list(e["models"]) == ["untrained", *results.EVIDENCE_RUNS]
+    for m in e["models"].values():
+        k = len(m["tasks"])
+        assert m["tasks"] == ["colors", "animals", "moods"] and m["layers"] == 2 * 7  # 2 blocks × q,k,v,o,gate,up,down
+        assert all(m["cosine"][i][i] == pytest.approx(1.0) for i in range(k))
+        assert all(0.0 < m["cosine"][i][j] <= 1.0 for i in range(k) for j in range(k))
+        assert all(0.0 <= v <= 1.0 for v in m["kept_overlap"].values()) and len(m["kept_overlap"]) == 3
+        assert 0.2 < m["chance_overlap"] < 0.4  # ≈ 1 − T = 0.3 for layers of a few dozen units
+    # training changed the model, so the final model's magnitudes differ from the base model's
+    assert e["models"]["untrained"]["cosine"] != e["models"][results.EVIDENCE_RUNS[1]]["cosine"]
+    text = results.render(tmp_path).read_text()
+    assert "| untrained | " in text and f"| {results.EVIDENCE_RUNS[0]} | " in text
+    missing = tmp_path / "other"
+    with pytest.raises(SystemExit, match="not finished"):
+        results.evidence(n=6, root=missing)
