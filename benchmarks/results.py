@@ -269,18 +269,22 @@ def settings_line(runs: list[dict]) -> str:
 
 
 def wall_lines(results: dict[str, list[dict]]) -> list[str]:
-    """Wall time per run (mean over seeds) per table, method and MIGU, with the MIGU/base ratio."""
-    lines = ["| table | method | runs (base / MIGU) | threads | wall s base | wall s MIGU | ratio |",
+    """Wall time per run (mean) per table, method, MIGU and torch threads, with the MIGU/base ratio.
+
+    Grouped by threads too: 1-thread runs ran two side by side and are not comparable with 2-thread runs.
+    """
+    lines = ["| table | method | threads | runs (base / MIGU) | wall s base | wall s MIGU | ratio |",
              "|---|---|---|---|---|---|---|"]
-    for table in ("table1", "table2"):
-        for method in sorted({_condition(r)[1] for r in results.get(table, [])}):
-            base = [r["wall_time_s"] for r in results[table] if _condition(r)[1:] == (method, None)]
-            migu = [r["wall_time_s"] for r in results[table] if _condition(r)[1] == method and _condition(r)[2]]
+    for table in TITLES:
+        runs = results.get(table, [])
+        for method, threads in sorted({(_condition(r)[1], r.get("threads") or 0) for r in runs}):
+            same = [r for r in runs if _condition(r)[1] == method and (r.get("threads") or 0) == threads]
+            base = [r["wall_time_s"] for r in same if _condition(r)[2] is None]
+            migu = [r["wall_time_s"] for r in same if _condition(r)[2] == 0.7]
             if base and migu:
                 b, m = statistics.mean(base), statistics.mean(migu)
-                threads = "/".join(sorted({str(r.get("threads") or "default") for r in results[table]}))
-                lines.append(f"| {table} | {method} | {len(base)} / {len(migu)} | {threads} | {b:.0f} | {m:.0f} | "
-                             f"×{m / b:.2f} |")
+                lines.append(f"| {table} | {method} | {threads or 'default'} | {len(base)} / {len(migu)} | {b:.0f} | "
+                             f"{m:.0f} | ×{m / b:.2f} |")
     return lines
 
 
@@ -312,8 +316,9 @@ def render(root: Path = ROOT) -> Path:
                   "output units.", ""]
     else:
         lines += ["Overhead benchmark not run yet.", ""]
-    lines += ["Wall time per run (training + every evaluation, mean over seeds). Runs with 1 thread ran two side",
-              "by side on the 2 cores (`--shard 0/2` and `1/2`), so base and MIGU runs shared the machine alike.", "",
+    lines += ["Wall time per run (training + every evaluation, mean over seeds), base vs MIGU (T=0.7) under the same",
+              "conditions: `default` = one run alone on the 2 cores (2 torch threads); `1` = two 1-thread runs side",
+              "by side (`--shard 0/2`, `--shard 1/2`, `--threads 1`), slower per run.", "",
               *wall_lines(results), ""]
     out = root / "docs" / "RESULTS.md"
     out.parent.mkdir(parents=True, exist_ok=True)
