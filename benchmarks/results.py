@@ -79,11 +79,10 @@ TABLES = {
 
 
 def _version() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """The short git commit the numbers come from (migu's provenance, as in each run's summary)."""
+    from migu.train import provenance
+
+    return (provenance()["git_commit"] or "unknown")[:7]
 
 
 def shard(runs: list, spec: str | None) -> list:
@@ -120,7 +119,8 @@ def run_table(table: str, runs, list_only: bool, threads: int | None = None) -> 
         summary = run(cfg, resume=resume, output_dir=str(run_dir), quiet=True)
         keep = {k: summary.get(k) for k in ("aa", "bwt", "fwt", "forgetting", "tasks", "matrix", "r0", "method",
                                              "migu", "seed", "lr", "wall_time_s", "git_commit", "versions")}
-        keep.update(table=table, run=name, settings=sets, code_version=_version(), threads=cfg.threads)
+        keep.update(table=table, run=name, settings=sets, code_version=(summary["git_commit"] or "unknown")[:7],
+                    threads=cfg.threads)
         target.write_text(json.dumps(keep, indent=1) + "\n")
         print(f"done   {table}/{name}: AA {summary['aa']:.1f} BWT {summary.get('bwt')}", flush=True)
 
@@ -143,6 +143,7 @@ def evidence(n: int = 32, root: Path = ROOT) -> Path:
         run_dir = root / "runs" / "results" / "table1" / name
         if not (run_dir / "summary.json").is_file():
             raise SystemExit(f"error: {run_dir}: not finished (run `python benchmarks/results.py table1` first)")
+        order = json.loads((run_dir / "summary.json").read_text())["tasks"]
         for label, base in (("untrained", True), (name, False)):
             if label in out["models"]:
                 continue
@@ -151,7 +152,6 @@ def evidence(n: int = 32, root: Path = ROOT) -> Path:
             if base:  # run_magnitudes writes magnitudes/; keep the base model's apart
                 shutil.rmtree(where, ignore_errors=True)
                 (run_dir / MAGNITUDES).replace(where)
-            order = json.loads((run_dir / "summary.json").read_text())["tasks"]
             mags = load_magnitudes(where, task_order=order)
             tasks, cos = similarity_matrix(mags)
             _, centred = similarity_matrix(mags, centered=True)

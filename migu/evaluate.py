@@ -93,8 +93,6 @@ def evaluate_tasks(model, tokenizer, tasks: Sequence[Task], **kwargs) -> list[Ta
     return [evaluate_task(model, tokenizer, task, **kwargs) for task in tasks]
 
 
-
-
 def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))  # longest first: memory peaks early
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

@@ -34,6 +34,10 @@ def _cell(x) -> float | None:
     return None if x is None else float(x)
 
 
+def _diff(a, b) -> float | None:
+    return None if a is None or b is None else float(a) - float(b)
+
+
 def _is_mtl(R: Matrix, mtl: bool | None) -> bool:
     if not R:
         return False
@@ -54,9 +58,9 @@ def average_accuracy(R: Matrix, mtl: bool | None = None) -> float | None:
     For an MTL row: the mean of that row. ``None`` for an empty matrix.
     """
     if _is_mtl(R, mtl):
-        return _mean([_cell(x) for x in R[0]])
+        return _mean(list(R[0]))
     T = square_size(R)
-    return _mean([_cell(R[T - 1][j]) for j in range(T)]) if T else None
+    return _mean([R[T - 1][j] for j in range(T)]) if T else None
 
 
 def backward_transfer(R: Matrix, mtl: bool | None = None) -> float | None:
@@ -67,8 +71,7 @@ def backward_transfer(R: Matrix, mtl: bool | None = None) -> float | None:
     T = square_size(R)
     if _is_mtl(R, mtl) or T < 2:
         return None
-    return _mean([None if R[T - 1][j] is None or R[j][j] is None else float(R[T - 1][j]) - float(R[j][j])
-                  for j in range(T - 1)])
+    return _mean([_diff(R[T - 1][j], R[j][j]) for j in range(T - 1)])
 
 
 def forgetting(R: Matrix, mtl: bool | None = None) -> float | None:
@@ -83,8 +86,8 @@ def forgetting(R: Matrix, mtl: bool | None = None) -> float | None:
         return None
     drops = []
     for j in range(T - 1):
-        seen = [R[i][j] for i in range(j, T - 1)] + [R[T - 1][j]]
-        drops.append(None if any(x is None for x in seen) else max(map(float, seen[:-1])) - float(seen[-1]))
+        before = [R[i][j] for i in range(j, T - 1)]
+        drops.append(None if None in before else _diff(max(map(float, before)), R[T - 1][j]))
     return _mean(drops)
 
 
@@ -97,8 +100,7 @@ def forward_transfer(R: Matrix, r0: Sequence[float] | None, mtl: bool | None = N
     T = square_size(R)
     if _is_mtl(R, mtl) or T < 2 or r0 is None:
         return None
-    return _mean([None if R[j - 1][j] is None or r0[j] is None else float(R[j - 1][j]) - float(r0[j])
-                  for j in range(1, T)])
+    return _mean([_diff(R[j - 1][j], r0[j]) for j in range(1, T)])
 
 
 def summarize(R: Matrix, r0: Sequence[float] | None = None, mtl: bool | None = None) -> dict:
