@@ -5,6 +5,7 @@
     python benchmarks/results.py table3            # threshold ablation T ∈ {0, .3, .5, .7, .9} (seq-ft + MIGU)
     python benchmarks/results.py table4            # cost: overhead ratios (benchmarks/overhead.py) + wall times
     python benchmarks/results.py evidence          # magnitude similarity of the table1 tasks (seq-ft runs, seed 0)
+    python benchmarks/results.py reproduce         # rerun the oldest run of each table with today's code, compare
     python benchmarks/results.py render            # docs/RESULTS.md from results/*/*.json
     python benchmarks/results.py table1 --list     # what would run, and what is done
 
@@ -98,31 +99,97 @@ def shard(runs: list, spec: str | None) -> list:
     return runs[k::n]
 
 
-def run_table(table: str, runs, list_only: bool, threads: int | None = None) -> None:
+def _run_one(table: str, name: str, sets: dict, run_dir: Path, threads: int | None):
+    """Run (or resume) one grid point into run_dir; returns (summary, resolved config)."""
     from migu.config import load_config
     from migu.train import run
 
-    out_json = ROOT / "results" / table
+    overrides = [f"{k}={v}" for k, v in sets.items()] + [f"output_dir={run_dir}", f"name={table}-{name}"]
+    if threads:  # not a setting: float results may differ in the last bits, never the protocol
+        overrides.append(f"threads={threads}")
+    resume = (run_dir / "config.yaml").is_file()
+    cfg = load_config(run_dir / "config.yaml") if resume else load_config(None, overrides)
+    print(f"{'resume' if resume else 'start '} {table}/{name}", flush=True)
+    return run(cfg, resume=resume, output_dir=str(run_dir), quiet=True), cfg
+
+
+def run_table(table: str, runs, list_only: bool, threads: int | None = None, root: Path = ROOT) -> None:
+    out_json = root / "results" / table
     out_json.mkdir(parents=True, exist_ok=True)
     for name, sets in runs:
         target = out_json / f"{name}.json"
         if target.exists() or list_only:
             print(f"{'done' if target.exists() else 'todo'}  {table}/{name}")
             continue
-        run_dir = ROOT / "runs" / "results" / table / name
-        overrides = [f"{k}={v}" for k, v in sets.items()] + [f"output_dir={run_dir}", f"name={table}-{name}"]
-        if threads:  # not a setting: float results may differ in the last bits, never the protocol
-            overrides.append(f"threads={threads}")
-        resume = (run_dir / "config.yaml").is_file()
-        cfg = load_config(run_dir / "config.yaml") if resume else load_config(None, overrides)
-        print(f"{'resume' if resume else 'start '} {table}/{name}", flush=True)
-        summary = run(cfg, resume=resume, output_dir=str(run_dir), quiet=True)
+        summary, cfg = _run_one(table, name, sets, root / "runs" / "results" / table / name, threads)
         keep = {k: summary.get(k) for k in ("aa", "bwt", "fwt", "forgetting", "tasks", "matrix", "r0", "method",
-                                             "migu", "seed", "lr", "wall_time_s", "git_commit", "versions")}
+                                             "migu", "seed", "lr", "wall_time_s", "git_commit", "machine",
+                                             "versions")}
         keep.update(table=table, run=name, settings=sets, code_version=(summary["git_commit"] or "unknown")[:7],
                     threads=cfg.threads)
         target.write_text(json.dumps(keep, indent=1) + "\n")
         print(f"done   {table}/{name}: AA {summary['aa']:.1f} BWT {summary.get('bwt')}", flush=True)
+
+
+# The cheapest default-thread run of each table's oldest code version: rerun with today's code and machine
+REPRODUCE = ("table1/o1-seq-lora-base-s0", "table2/o4-seq-lora-base-s0", "table3/o1-seq-ft-migu0.0-s0")
+
+
+def reproduce(specs=REPRODUCE, root: Path = ROOT) -> list[Path]:
+    """Rerun committed runs with the current code; results/reproduce/<table>--<run>.json says what changed.
+
+    A table's runs were made over several sessions, commits and possibly machines; this is the check that
+    the numbers do not depend on which: the rerun's matrix is compared cell by cell with the committed one.
+    """
+    written = []
+    for spec in specs:
+        table, _, name = spec.partition("/")
+        source = root / "results" / table / f"{name}.json"
+        if not source.is_file():
+            raise SystemExit(f"error: {source}: no such committed run (expected TABLE/RUN, e.g. {REPRODUCE[0]})")
+        target = root / "results" / "reproduce" / f"{table}--{name}.json"
+        if target.exists():
+            print(f"done   reproduce {spec}")
+            continue
+        orig = json.loads(source.read_text())
+        summary, _ = _run_one("reproduce", f"{table}-{name}", orig["settings"],
+                              root / "runs" / "results" / "reproduce" / table / name, orig.get("threads"))
+        rows = zip([orig["r0"], *orig["matrix"]], [summary["r0"], *summary["matrix"]])  # untrained row too
+        cells = [(a, b) for ra, rb in rows for a, b in zip(ra, rb)]
+        diffs = [abs(a - b) for a, b in cells if a is not None and b is not None]
+        out = {"table": table, "run": name, "threads": orig.get("threads"),
+               "original": {k: orig.get(k) for k in ("code_version", "machine", "aa", "bwt", "r0", "matrix")},
+               "rerun": {"code_version": (summary["git_commit"] or "unknown")[:7], "machine": summary["machine"],
+                         "aa": summary["aa"], "bwt": summary["bwt"], "r0": summary["r0"], "matrix": summary["matrix"],
+                         "wall_time_s": summary["wall_time_s"]},
+               "cells": len(cells), "cells_differing": sum(d > 0 for d in diffs),
+               "max_abs_cell_diff": max(diffs, default=0.0)}
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(out, indent=1) + "\n")
+        print(f"done   reproduce {spec}: {out['cells_differing']}/{out['cells']} cells differ "
+              f"(max {out['max_abs_cell_diff']:.1f} points)", flush=True)
+        written.append(target)
+    return written
+
+
+def _machine(m: dict | None) -> str:
+    return f"{m['cpu']} ({m.get('cpu_capability') or '?'}, {m['cores']} cores)" if m else "not recorded"
+
+
+def reproduce_lines(root: Path = ROOT) -> list[str]:
+    files = sorted((root / "results" / "reproduce").glob("*.json"))
+    if not files:
+        return ["Not run yet (`python benchmarks/results.py reproduce`).", ""]
+    lines = ["| run | committed: code, machine | rerun: code, machine | AA committed → rerun | "
+             "BWT committed → rerun | cells differing | largest cell change |", "|---|---|---|---|---|---|---|"]
+    for f in files:
+        r = json.loads(f.read_text())
+        o, n = r["original"], r["rerun"]
+        lines.append(f"| {r['table']}/{r['run']} | {o['code_version']}, {_machine(o['machine'])} | "
+                     f"{n['code_version']}, {_machine(n['machine'])} | {o['aa']:.1f} → {n['aa']:.1f} | "
+                     f"{o['bwt']:+.1f} → {n['bwt']:+.1f} | {r['cells_differing']}/{r['cells']} | "
+                     f"{r['max_abs_cell_diff']:.1f} |")
+    return lines + [""]
 
 
 EVIDENCE_RUNS = ("o1-seq-ft-base-s0", "o1-seq-ft-migu0.7-s0")  # table1 runs whose final models are measured
@@ -209,7 +276,8 @@ _PER_RUN = ("data.order", "method.name", "train.lr", "seed", "migu.enabled", "mi
 
 def _condition(r: dict) -> tuple:
     s = r["settings"]
-    return s["data.order"], s["method.name"], s.get("migu.threshold") if s.get("migu.enabled") else None
+    t = s.get("migu.threshold") if s.get("migu.enabled") else None
+    return s.get("data.order"), s.get("method.name", "seq-ft"), t
 
 
 def _mean_cells(cells) -> float | None:
@@ -236,8 +304,18 @@ def table_lines(runs: list[dict]) -> list[str]:
             f"| {order} | {method} | {'–' if t is None else t} | {rs[0]['lr']:g} | {seeds} | "
             f"{_fmt([r['aa'] for r in rs])} | {_fmt([r['bwt'] for r in rs], True)} | "
             f"{_fmt([r['fwt'] for r in rs], True)} | {_fmt([r['forgetting'] for r in rs])} | {_fmt(diag)} | "
-            f"{_fmt([_mean_cells(r.get('r0')) for r in rs])} | {statistics.mean(r['wall_time_s'] for r in rs):.0f} |")
+            f"{_fmt([_mean_cells(r.get('r0')) for r in rs])} | {_wall(rs)} |")
+    if any(_wall(rs).endswith("*") for rs in groups.values()):
+        lines += ["", "\\* wall time of the runs at default threads only; this condition also has 1-thread runs "
+                  "(two side by side, slower per run: Table 4)."]
     return lines
+
+
+def _wall(rs: list[dict]) -> str:
+    alone = [r["wall_time_s"] for r in rs if not r.get("threads")]
+    if alone and len(alone) < len(rs):
+        return f"{statistics.mean(alone):.0f}*"
+    return f"{statistics.mean(r['wall_time_s'] for r in rs):.0f}"
 
 
 def delta_lines(runs: list[dict]) -> list[str]:
@@ -264,8 +342,12 @@ def settings_line(runs: list[dict]) -> str:
         common = {k: v for k, v in common.items() if r["settings"].get(k) == v}
     codes = ", ".join(sorted({r["code_version"] for r in runs}))
     threads = sorted({str(r.get("threads") or "default") for r in runs})
+    machines = {}
+    for r in runs:
+        machines[_machine(r.get("machine"))] = machines.get(_machine(r.get("machine")), 0) + 1
     return (f"Settings: {', '.join(f'`{k}={v}`' for k, v in common.items())}; torch threads per run: "
-            f"{'/'.join(threads)}; code versions: {codes}.")
+            f"{'/'.join(threads)}; code versions: {codes}; machines: "
+            f"{'; '.join(f'{m} × {n} runs' for m, n in sorted(machines.items()))}.")
 
 
 def wall_lines(results: dict[str, list[dict]]) -> list[str]:
@@ -306,6 +388,12 @@ def render(root: Path = ROOT) -> Path:
         lines += [settings_line(runs), "", *table_lines(runs), "", *delta_lines(runs)]
     lines += ["## Why MIGU can or cannot separate the tasks here: magnitude similarity", "",
               *evidence_lines(root)]
+    lines += ["## Same numbers from every code version and machine? Reruns", "",
+              "A table's runs were made over several sessions, so at several commits and possibly on different "
+              "machines of the same 2-core kind (a CPU with other vector units runs other float kernels). "
+              "`python benchmarks/results.py reproduce` reruns the cheapest run of each table's oldest code "
+              "version with the current code and compares the accuracy matrix cell by cell:", "",
+              *reproduce_lines(root)]
     lines += ["## Table 4 — cost", "", "`python benchmarks/overhead.py` (step time) and the wall times of the runs above.", ""]
     over = root / "results" / "overhead" / "overhead.json"
     if over.exists():
@@ -328,7 +416,7 @@ def render(root: Path = ROOT) -> Path:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("table", choices=[*TABLES, "table4", "evidence", "render"])
+    p.add_argument("table", choices=[*TABLES, "table4", "evidence", "reproduce", "render"])
     p.add_argument("--orders", type=lambda s: [int(x) for x in s.split(",")], default=None)
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=list(SEEDS))
     p.add_argument("--list", action="store_true", help="only list the runs and whether they are done")
@@ -340,6 +428,9 @@ def main(argv=None):
         print(f"wrote {render()}")
     elif a.table == "evidence":
         print(f"wrote {evidence()}")
+        print(f"wrote {render()}")
+    elif a.table == "reproduce":
+        reproduce()
         print(f"wrote {render()}")
     elif a.table == "table4":
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "overhead.py")], check=True)

@@ -20,7 +20,11 @@ run repeats the uninterrupted one bit for bit (on the same machine and thread co
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import functools
+import os
+import platform
 import random
 import subprocess
 import sys
@@ -68,7 +72,16 @@ def load_tasks(cfg: RunConfig) -> list:
 
 
 def provenance() -> dict:
-    """Git commit of the code and versions of the packages that decide the numbers."""
+    """Git commit of the code and versions of the packages and machine that decide the numbers.
+
+    Read once per process: the code that runs is the code imported at start, so a commit made while a
+    long run is going must not be recorded as the one that produced it.
+    """
+    return copy.deepcopy(_provenance())
+
+
+@functools.cache
+def _provenance() -> dict:
     import peft
     import transformers
 
@@ -85,9 +98,25 @@ def provenance() -> dict:
             commit += "-dirty"
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"git_commit": commit, "versions": {
+    return {"git_commit": commit, "machine": machine(), "versions": {
         "migu": migu.__version__, "python": sys.version.split()[0], "torch": str(torch.__version__),
         "transformers": str(transformers.__version__), "peft": str(peft.__version__), "numpy": str(np.__version__)}}
+
+
+def machine() -> dict:
+    """CPU model, core count and the ISA torch's kernels use, and the CUDA device if any.
+
+    Float results (and so a few generated answers) can differ between machines with the same code.
+    """
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "gpu": gpu}
 
 
 def _absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -475,7 +504,8 @@ class _Run:
             "method": self.cfg.method.name,
             "method_options": dataclasses.asdict(self.cfg.method_options), "lr": self.lr,
             "migu": dataclasses.asdict(self.cfg.migu), "seed": self.cfg.seed, "model": self.cfg.model.name,
-            "wall_time_s": round(wall, 1), "git_commit": prov["git_commit"], "versions": prov["versions"],
+            "wall_time_s": round(wall, 1), "git_commit": prov["git_commit"], "machine": prov["machine"],
+            "versions": prov["versions"],
         }
 
 

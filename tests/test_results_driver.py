@@ -94,3 +94,37 @@ def test_evidence_measures_the_base_and_final_models(tmp_path, tiny_llama_dir):
     missing = tmp_path / "other"
     with pytest.raises(SystemExit, match="not finished"):
         results.evidence(n=6, root=missing)
+
+
+def test_reproduce_compares_a_rerun_cell_by_cell(tmp_path, tiny_llama_dir):
+    import yaml
+
+    from migu.train import provenance
+    from tests.runner_helpers import tiny_overrides, write_stream
+
+    stream = write_stream(tmp_path / "data")
+    sets = dict(item.split("=", 1) for item in tiny_overrides(tiny_llama_dir, stream, "unused"))
+    del sets["output_dir"]
+    results.run_table("table1", [("tiny-s0", sets)], False, root=tmp_path)
+    committed = tmp_path / "results" / "table1" / "tiny-s0.json"
+    orig = json.loads(committed.read_text())
+    # provenance: the machine and the commit the run started with (config.yaml's), in the committed summary
+    config = yaml.safe_load((tmp_path / "runs" / "results" / "table1" / "tiny-s0" / "config.yaml").read_text())
+    assert orig["machine"] == provenance()["machine"] and orig["machine"]["cores"] >= 1
+    assert orig["code_version"] == (config["provenance"]["git_commit"] or "unknown")[:7]
+
+    (out,) = results.reproduce(["table1/tiny-s0"], root=tmp_path)
+    r = json.loads(out.read_text())
+    assert r["rerun"]["matrix"] == orig["matrix"] and r["cells"] == 12  # untrained row + 3 tasks, 3 tasks each
+    assert r["cells_differing"] == 0 and r["max_abs_cell_diff"] == 0.0
+    # a committed cell that the rerun does not reproduce is counted and measured
+    orig["matrix"][1][0] += 12.5
+    committed.write_text(json.dumps(orig))
+    out.unlink()
+    (out,) = results.reproduce(["table1/tiny-s0"], root=tmp_path)  # the finished rerun resumes at once
+    r = json.loads(out.read_text())
+    assert r["cells_differing"] == 1 and r["max_abs_cell_diff"] == 12.5
+    text = results.render(tmp_path).read_text()
+    assert f"| table1/tiny-s0 | {orig['code_version']}, " in text and "| 1/12 | 12.5 |" in text
+    with pytest.raises(SystemExit, match="no such committed run"):
+        results.reproduce(["table1/missing"], root=tmp_path)
