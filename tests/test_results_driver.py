@@ -15,7 +15,7 @@ _spec.loader.exec_module(results)
 
 class _Args:
     orders = None
-    seeds = [0, 1, 2]
+    seeds = None  # each table's default
 
 
 def test_grid_is_seed_major_and_settings_differ_only_per_run():
@@ -27,7 +27,12 @@ def test_grid_is_seed_major_and_settings_differ_only_per_run():
     assert all(x == shared[0] for x in shared) and shared[0]["data.train_per_task"] == 64
     long = results.TABLES["table2"](_Args())
     assert len(long) == 8 and all(s["data.benchmark"] == "long" and s["eval.matrix"] == "diagonal" for _, s in long)
-    assert [t for _, s in results.TABLES["table3"](_Args()) for t in [s["migu.threshold"]]] == [0.0, 0.3, 0.5, 0.7, 0.9]
+    ablation = results.TABLES["table3"](_Args())
+    assert [s["migu.threshold"] for _, s in ablation[:5]] == [0.0, 0.3, 0.5, 0.7, 0.9]
+    assert [s["seed"] for _, s in ablation] == [0] * 5 + [1] * 5 + [2] * 5
+    picked = _Args()
+    picked.seeds = [1]
+    assert {s["seed"] for _, s in results.TABLES["table2"](picked)} == {1}
 
 
 def test_shards_partition_the_runs():
