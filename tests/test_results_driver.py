@@ -73,6 +73,28 @@ def test_render_groups_seeds_and_pairs_migu_with_base(tmp_path):
     assert "`data.train_per_task=64`" in text and "`seed=" not in text and "code versions: abc1234" in text
     assert "| table1 | seq-lora | 1 | 2 / 2 | 105 | 110 | ×1.05 |" in text
     assert "Table 2" in text and "Not run yet." in text
+    # one figure per table that has runs, from the same per-condition statistics
+    assert "![Table 1" in text and "(images/results_table1.png)" in text and "results_table2.png" not in text
+    assert (tmp_path / "docs" / "images" / "results_table1.png").stat().st_size > 10_000
+    base, migu = results.condition_stats(json.loads(f.read_text()) for f in sorted(out.glob("*.json")))
+    assert (base["migu"], migu["migu"], migu["threshold"], base["seeds"]) == (False, True, 0.7, [0, 1])
+    assert base["aa_mean"] == 45.0 and base["aa_std"] == pytest.approx(sd) and base["diag_mean"] == 60.0
+    assert migu["bwt_mean"] == -5.0 and migu["bwt_std"] == pytest.approx(statistics.stdev([-4.0, -6.0]))
+
+
+def test_threshold_ablation_figure(tmp_path):
+    out = tmp_path / "results" / "table3"
+    out.mkdir(parents=True)
+    for t, seed, aa in [(0.0, 0, 50.0), (0.0, 1, 54.0), (0.7, 0, 40.0)]:
+        summary = _summary("seq-ft", True, seed, aa, -1.0, 10.0)
+        summary["settings"]["migu.threshold"] = t
+        (out / f"o1-seq-ft-migu{t}-s{seed}.json").write_text(json.dumps(summary))
+    stats = results.condition_stats(json.loads(f.read_text()) for f in sorted(out.glob("*.json")))
+    assert [(g["threshold"], g["n"], g["aa_mean"]) for g in stats] == [(0.0, 2, 52.0), (0.7, 1, 40.0)]
+    assert stats[1]["aa_std"] is None  # one seed: no spread, not zero
+    fig = results.plot_table("table3", [json.loads(f.read_text()) for f in out.glob("*.json")])
+    assert [len(ax.lines) > 0 for ax in fig.axes] == [True, True, True]
+    assert "1/2 seed(s)" in fig.get_suptitle()
 
 
 def test_evidence_measures_the_base_and_final_models(tmp_path, tiny_llama_dir):
