@@ -89,6 +89,17 @@ def _version() -> str:
     return (provenance()["git_commit"] or "unknown")[:7]
 
 
+def pick_methods(runs: list, methods: list[str] | None) -> list:
+    """The runs of the given methods (all when None); a name outside the grid is an error."""
+    if methods is None:
+        return runs
+    known = list(dict.fromkeys(sets["method.name"] for _, sets in runs))
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise SystemExit(f"error: --methods: {', '.join(unknown)} not in this table (its methods: {', '.join(known)})")
+    return [(name, sets) for name, sets in runs if sets["method.name"] in methods]
+
+
 def shard(runs: list, spec: str | None) -> list:
     """The runs of shard "K/N" (every N-th run from the K-th, K in 0..N-1); all runs when spec is None."""
     if spec is None:
@@ -479,6 +490,8 @@ def main(argv=None):
     p.add_argument("--orders", type=lambda s: [int(x) for x in s.split(",")], default=None)
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=None,
                    help=f"seeds to run (default per table: {', '.join(f'{t} {v}' for t, v in SEEDS.items())})")
+    p.add_argument("--methods", type=lambda s: s.split(","), default=None,
+                   help="only these methods of the table's grid (e.g. seq-ft on extra orders)")
     p.add_argument("--list", action="store_true", help="only list the runs and whether they are done")
     p.add_argument("--shard", default=None, metavar="K/N",
                    help="run only every N-th run from the K-th (run N shards side by side, one per core)")
@@ -496,7 +509,7 @@ def main(argv=None):
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "overhead.py")], check=True)
         print(f"wrote {render()}")
     else:
-        run_table(a.table, shard(TABLES[a.table](a), a.shard), a.list, a.threads)
+        run_table(a.table, shard(pick_methods(TABLES[a.table](a), a.methods), a.shard), a.list, a.threads)
         render()
 
 

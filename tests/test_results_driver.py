@@ -44,6 +44,15 @@ def test_shards_partition_the_runs():
         results.shard(runs, "3/3")
 
 
+def test_methods_filter_keeps_the_grid_order():
+    runs = results.TABLES["table1"](_Args())
+    picked = results.pick_methods(runs, ["seq-ft"])
+    assert [n for n, _ in picked] == [f"o1-seq-ft-{t}-s{s}" for s in (0, 1, 2) for t in ("base", "migu0.7")]
+    assert results.pick_methods(runs, None) == runs
+    with pytest.raises(SystemExit, match="--methods: ewc not in this table"):
+        results.pick_methods(runs, ["seq-ft", "ewc"])
+
+
 def _summary(method, migu, seed, aa, bwt, wall):
     settings = {"model.name": "m", "data.train_per_task": 64, "data.order": 1, "method.name": method,
                 "train.lr": 1e-3, "seed": seed, "migu.enabled": migu}
