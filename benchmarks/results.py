@@ -304,14 +304,20 @@ def load_results(root: Path = ROOT) -> dict[str, list[dict]]:
     return {t: [json.loads(f.read_text()) for f in sorted((root / "results" / t).glob("*.json"))] for t in TITLES}
 
 
-def table_lines(runs: list[dict]) -> list[str]:
-    """One markdown row per condition (order, method, MIGU T): mean ± sample std over its seeds."""
+def _groups(runs) -> list[tuple[tuple, list[dict]]]:
+    """[(condition, its runs)] sorted by order, method, MIGU T (base first)."""
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault(_condition(r), []).append(r)
+    return sorted(groups.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1], -1 if kv[0][2] is None else kv[0][2]))
+
+
+def table_lines(runs: list[dict]) -> list[str]:
+    """One markdown row per condition (order, method, MIGU T): mean ± sample std over its seeds."""
+    groups = _groups(runs)
     lines = ["| order | method | MIGU T | lr | seeds | AA | BWT | FWT | forgetting | learned R[i][i] | untrained | "
              "wall s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (order, method, t), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or -1)):
+    for (order, method, t), rs in groups:
         seeds = ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
         diag = [_mean_cells(row[i] for i, row in enumerate(r["matrix"])) for r in rs]
         lines.append(
@@ -319,7 +325,7 @@ def table_lines(runs: list[dict]) -> list[str]:
             f"{_fmt([r['aa'] for r in rs])} | {_fmt([r['bwt'] for r in rs], True)} | "
             f"{_fmt([r['fwt'] for r in rs], True)} | {_fmt([r['forgetting'] for r in rs])} | {_fmt(diag)} | "
             f"{_fmt([_mean_cells(r.get('r0')) for r in rs])} | {_wall(rs)} |")
-    if any(_wall(rs).endswith("*") for rs in groups.values()):
+    if any(_wall(rs).endswith("*") for _, rs in groups):
         lines += ["", "\\* wall time of the runs at default threads only; this condition also has 1-thread runs "
                   "(two side by side, slower per run: Table 4)."]
     return lines
@@ -333,20 +339,21 @@ def _wall(rs: list[dict]) -> str:
 
 
 def delta_lines(runs: list[dict]) -> list[str]:
-    """MIGU − base per method, paired by (order, seed): the effect with the seed-to-seed spread."""
+    """MIGU − base per order and method, paired by seed: the effect with the seed-to-seed spread."""
     by = {(*_condition(r), r["seed"]): r for r in runs}
     rows = []
-    for method in sorted({_condition(r)[1] for r in runs}):
-        pairs = [(b, by.get((o, m, 0.7, seed))) for (o, m, t, seed), b in by.items() if m == method and t is None]
+    for order, method in sorted({_condition(r)[:2] for r in runs}, key=lambda om: (om[0] or 0, om[1])):
+        pairs = [(b, by.get((o, m, 0.7, seed))) for (o, m, t, seed), b in by.items()
+                 if (o, m) == (order, method) and t is None]
         pairs = [(b, g) for b, g in pairs if g is not None]
         if pairs:
-            rows.append(f"| {method} | {len(pairs)} | {_fmt([g['aa'] - b['aa'] for b, g in pairs], True)} | "
+            rows.append(f"| {order} | {method} | {len(pairs)} | {_fmt([g['aa'] - b['aa'] for b, g in pairs], True)} | "
                         f"{_fmt([g['bwt'] - b['bwt'] for b, g in pairs if None not in (g['bwt'], b['bwt'])], True)}"
                         f" | {sum(g['aa'] > b['aa'] for b, g in pairs)}/{len(pairs)} |")
     if not rows:
         return []
-    return ["MIGU − base, paired by order and seed:", "", "| method | pairs | Δ AA | Δ BWT | MIGU AA higher |",
-            "|---|---|---|---|---|", *rows, ""]
+    return ["MIGU − base, paired by seed:", "", "| order | method | pairs | Δ AA | Δ BWT | MIGU AA higher |",
+            "|---|---|---|---|---|---|", *rows, ""]
 
 
 def settings_line(runs: list[dict]) -> str:
@@ -386,11 +393,8 @@ def wall_lines(results: dict[str, list[dict]]) -> list[str]:
 
 def condition_stats(runs: list[dict]) -> list[dict]:
     """Per condition (order, method, MIGU T): mean and sample std over seeds of AA, BWT and learned R[i][i]."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in runs:
-        groups.setdefault(_condition(r), []).append(r)
     out = []
-    for (order, method, t), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1], kv[0][2] or -1)):
+    for (order, method, t), rs in _groups(runs):
         g = {"order": order, "method": method, "migu": t is not None, "threshold": t, "n": len(rs),
              "seeds": sorted(r["seed"] for r in rs)}
         values = {"aa": [r["aa"] for r in rs], "bwt": [r["bwt"] for r in rs],

@@ -78,7 +78,7 @@ def test_render_groups_seeds_and_pairs_migu_with_base(tmp_path):
            f"60.0 ± 0.0 | 1.0 ± 0.0 | 105 |" in text
     assert "| 1 | seq-lora | 0.7 | 0.001 | 0,1 | 46.5 ± 2.1 | -5.0 ± 1.4 |" in text
     # paired deltas: AA +5, −2 → +1.5 ± 4.9; BWT +6, +14 → +10.0 ± 5.7; MIGU higher in 1 of 2
-    assert "| seq-lora | 2 | +1.5 ± 4.9 | +10.0 ± 5.7 | 1/2 |" in text
+    assert "| 1 | seq-lora | 2 | +1.5 ± 4.9 | +10.0 ± 5.7 | 1/2 |" in text
     assert "`data.train_per_task=64`" in text and "`seed=" not in text and "code versions: abc1234" in text
     assert "| table1 | seq-lora | 1 | 2 / 2 | 105 | 110 | ×1.05 |" in text
     assert "Table 2" in text and "Not run yet." in text
