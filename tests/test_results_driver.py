@@ -164,3 +164,9 @@ def test_reproduce_compares_a_rerun_cell_by_cell(tmp_path, tiny_llama_dir):
     assert f"| table1/tiny-s0 | {orig['code_version']}, " in text and "| 1/12 | 12.5 |" in text
     with pytest.raises(SystemExit, match="no such committed run"):
         results.reproduce(["table1/missing"], root=tmp_path)
+
+
+def test_compare_cells_counts_only_cells_both_runs_evaluated():
+    a = {"r0": [0.0, 5.0, 2.0], "matrix": [[50.0, 10.0, None], [40.0, 60.0, 20.0], [45.0, 55.0, 70.0]]}
+    b = {"r0": [0.0, 5.0, 2.0], "matrix": [[50.0, 10.0, None], [40.0, 60.0, None], [45.0, 62.5, 70.0]]}
+    assert results.compare_cells(a, b) == {"cells": 10, "cells_differing": 1, "max_abs_cell_diff": 7.5}
