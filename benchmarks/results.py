@@ -335,6 +335,7 @@ def table_lines(runs: list[dict]) -> list[str]:
 
 
 def _wall(rs: list[dict]) -> str:
+    rs = [r for r in rs if not r.get("wall_time_shared")] or rs  # a run that shared the cores says so in its note
     alone = [r["wall_time_s"] for r in rs if not r.get("threads")]
     if alone and len(alone) < len(rs):
         return f"{statistics.mean(alone):.0f}*"
@@ -382,7 +383,7 @@ def wall_lines(results: dict[str, list[dict]]) -> list[str]:
     lines = ["| table | method | threads | runs (base / MIGU) | wall s base | wall s MIGU | ratio |",
              "|---|---|---|---|---|---|---|"]
     for table in TITLES:
-        runs = results.get(table, [])
+        runs = [r for r in results.get(table, []) if not r.get("wall_time_shared")]
         for method, threads in sorted({(_condition(r)[1], r.get("threads") or 0) for r in runs}):
             same = [r for r in runs if _condition(r)[1] == method and (r.get("threads") or 0) == threads]
             base = [r["wall_time_s"] for r in same if _condition(r)[2] is None]
@@ -461,7 +462,9 @@ def render(root: Path = ROOT) -> Path:
             lines += ["Not run yet.", ""]
             continue
         image = save(plot_table(table, runs), root / "docs" / "images" / f"results_{table}.png")
-        lines += [settings_line(runs), "", *table_lines(runs), "", *delta_lines(runs),
+        notes = [f"- `{r['run']}`: {r['note']}" for r in runs if r.get("note")]
+        lines += [settings_line(runs), "", *table_lines(runs), "", *(["Notes:", *notes, ""] if notes else []),
+                  *delta_lines(runs),
                   f"![{title}](images/{image.name})", ""]
     lines += ["## Why MIGU can or cannot separate the tasks here: magnitude similarity", "",
               *evidence_lines(root)]

@@ -170,3 +170,17 @@ def test_compare_cells_counts_only_cells_both_runs_evaluated():
     a = {"r0": [0.0, 5.0, 2.0], "matrix": [[50.0, 10.0, None], [40.0, 60.0, 20.0], [45.0, 55.0, 70.0]]}
     b = {"r0": [0.0, 5.0, 2.0], "matrix": [[50.0, 10.0, None], [40.0, 60.0, None], [45.0, 62.5, 70.0]]}
     assert results.compare_cells(a, b) == {"cells": 10, "cells_differing": 1, "max_abs_cell_diff": 7.5}
+
+
+def test_a_run_that_shared_the_cores_is_noted_and_left_out_of_wall_times(tmp_path):
+    out = tmp_path / "results" / "table1"
+    out.mkdir(parents=True)
+    for migu, seed, wall in [(False, 0, 100.0), (True, 0, 110.0), (True, 1, 900.0)]:
+        summary = {**_summary("seq-ft", migu, seed, 40.0, -1.0, wall), "run": f"r{seed}{migu}", "threads": None}
+        if wall == 900.0:
+            summary.update(wall_time_shared=True, note="cores shared with a CI run")
+        (out / f"o1-seq-ft-{migu}-s{seed}.json").write_text(json.dumps(summary))
+    text = results.render(tmp_path).read_text()
+    assert "- `r1True`: cores shared with a CI run" in text
+    assert "| 1 | seq-ft | 0.7 | 0.001 | 0,1 | 40.0 ± 0.0 |" in text and "| 110 |" in text and "| 505 |" not in text
+    assert "| table1 | seq-ft | default | 1 / 1 | 100 | 110 | ×1.10 |" in text
