@@ -74,9 +74,8 @@ def _runs(methods, orders, seeds, benchmark, thresholds=(None, 0.7), extra=None)
 TABLES = {
     "table1": lambda a: _runs(["seq-ft", "seq-lora", "replay", "o-lora"], a.orders or [1], a.seeds or SEEDS["table1"],
                               "standard"),
-    "table2": lambda a: _runs(["seq-ft", "seq-lora", "inc-lora", "o-lora"], a.orders or [4], a.seeds or SEEDS["table2"],
-                              "long",
-                              extra=LONG),
+    "table2": lambda a: _runs(["seq-ft", "seq-lora", "inc-lora", "o-lora"], a.orders or [4],
+                              a.seeds or SEEDS["table2"], "long", extra=LONG),
     "table3": lambda a: _runs(["seq-ft"], a.orders or [1], a.seeds or SEEDS["table3"], "standard",
                               thresholds=(0.0, 0.3, 0.5, 0.7, 0.9)),
 }
@@ -186,7 +185,8 @@ def compare_cells(a: dict, b: dict) -> dict:
     """Cells evaluated in both runs (untrained row included), how many differ and by how much at most."""
     rows = zip([a["r0"], *a["matrix"]], [b["r0"], *b["matrix"]])
     diffs = [abs(x - y) for ra, rb in rows for x, y in zip(ra, rb) if x is not None and y is not None]
-    return {"cells": len(diffs), "cells_differing": sum(d > 0 for d in diffs), "max_abs_cell_diff": max(diffs, default=0.0)}
+    return {"cells": len(diffs), "cells_differing": sum(d > 0 for d in diffs),
+            "max_abs_cell_diff": max(diffs, default=0.0)}
 
 
 def _machine(m: dict | None) -> str:
@@ -343,21 +343,29 @@ def _wall(rs: list[dict]) -> str:
 
 
 def delta_lines(runs: list[dict]) -> list[str]:
-    """MIGU − base per order and method, paired by seed: the effect with the seed-to-seed spread."""
+    """MIGU − reference per order, method and T, paired by seed: the effect with the seed-to-seed spread.
+
+    The reference is the run without MIGU, or T = 0 (plain training, bit-identical) in the threshold ablation.
+    """
     by = {(*_condition(r), r["seed"]): r for r in runs}
-    rows = []
-    for order, method in sorted({_condition(r)[:2] for r in runs}, key=lambda om: (om[0] or 0, om[1])):
-        pairs = [(b, by.get((o, m, 0.7, seed))) for (o, m, t, seed), b in by.items()
-                 if (o, m) == (order, method) and t is None]
-        pairs = [(b, g) for b, g in pairs if g is not None]
+    rows, refs, groups = [], set(), _groups(runs)
+    conditions = {c for c, _ in groups}
+    for (order, method, t), rs in groups:
+        ref = None if (order, method, None) in conditions else 0.0
+        if t == ref:
+            continue
+        refs.add("no MIGU" if ref is None else "T = 0")
+        pairs = [(by[(order, method, ref, r["seed"])], r) for r in rs if (order, method, ref, r["seed"]) in by]
         if pairs:
-            rows.append(f"| {order} | {method} | {len(pairs)} | {_fmt([g['aa'] - b['aa'] for b, g in pairs], True)} | "
+            rows.append(f"| {order} | {method} | {t} | {len(pairs)} | "
+                        f"{_fmt([g['aa'] - b['aa'] for b, g in pairs], True)} | "
                         f"{_fmt([g['bwt'] - b['bwt'] for b, g in pairs if None not in (g['bwt'], b['bwt'])], True)}"
                         f" | {sum(g['aa'] > b['aa'] for b, g in pairs)}/{len(pairs)} |")
     if not rows:
         return []
-    return ["MIGU − base, paired by seed:", "", "| order | method | pairs | Δ AA | Δ BWT | MIGU AA higher |",
-            "|---|---|---|---|---|---|", *rows, ""]
+    return [f"MIGU − {' / '.join(sorted(refs))}, paired by seed:", "",
+            "| order | method | MIGU T | pairs | Δ AA | Δ BWT | MIGU AA higher |", "|---|---|---|---|---|---|---|",
+            *rows, ""]
 
 
 def settings_line(runs: list[dict]) -> str:
@@ -376,22 +384,23 @@ def settings_line(runs: list[dict]) -> str:
 
 
 def wall_lines(results: dict[str, list[dict]]) -> list[str]:
-    """Wall time per run (mean) per table, method, MIGU and torch threads, with the MIGU/base ratio.
+    """Wall time per run (mean) per table, order, method, MIGU and torch threads, with the MIGU/base ratio.
 
     Grouped by threads too: 1-thread runs ran two side by side and are not comparable with 2-thread runs.
     """
-    lines = ["| table | method | threads | runs (base / MIGU) | wall s base | wall s MIGU | ratio |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| table | order | method | threads | runs (base / MIGU) | wall s base | wall s MIGU | ratio |",
+             "|---|---|---|---|---|---|---|---|"]
     for table in TITLES:
         runs = [r for r in results.get(table, []) if not r.get("wall_time_shared")]
-        for method, threads in sorted({(_condition(r)[1], r.get("threads") or 0) for r in runs}):
-            same = [r for r in runs if _condition(r)[1] == method and (r.get("threads") or 0) == threads]
+        for key in sorted({(*_condition(r)[:2], r.get("threads") or 0) for r in runs}):
+            order, method, threads = key
+            same = [r for r in runs if (*_condition(r)[:2], r.get("threads") or 0) == key]
             base = [r["wall_time_s"] for r in same if _condition(r)[2] is None]
             migu = [r["wall_time_s"] for r in same if _condition(r)[2] == 0.7]
             if base and migu:
                 b, m = statistics.mean(base), statistics.mean(migu)
-                lines.append(f"| {table} | {method} | {threads or 'default'} | {len(base)} / {len(migu)} | {b:.0f} | "
-                             f"{m:.0f} | ×{m / b:.2f} |")
+                lines.append(f"| {table} | {order} | {method} | {threads or 'default'} | {len(base)} / {len(migu)} | "
+                             f"{b:.0f} | {m:.0f} | ×{m / b:.2f} |")
     return lines
 
 
@@ -427,7 +436,8 @@ def plot_table(table: str, runs: list[dict]):
     seeds = sorted({g["n"] for g in stats})
     for ax, (key, label) in zip(fig.subplots(1, 3), (("aa", "AA (%)"), ("bwt", "BWT (%)"),
                                                       ("diag", "learned R[i][i] (%)"))):
-        pts = [(g["threshold"], g[f"{key}_mean"], g[f"{key}_std"] or 0.0) for g in stats if g[f"{key}_mean"] is not None]
+        pts = [(g["threshold"], g[f"{key}_mean"], g[f"{key}_std"] or 0.0) for g in stats
+               if g[f"{key}_mean"] is not None]
         xs, ys, es = zip(*pts)
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3)
         for x, y in zip(xs, ys):
@@ -475,7 +485,8 @@ def render(root: Path = ROOT) -> Path:
               "version with the current code and compares the accuracy matrix cell by cell (one test example "
               f"is {100 / SETTINGS['data.test_per_task']:g} points of a cell in tables 1 and 3, "
               f"{100 / LONG['data.test_per_task']:g} in table 2):", "", *reproduce_lines(root)]
-    lines += ["## Table 4 — cost", "", "`python benchmarks/overhead.py` (step time) and the wall times of the runs above.", ""]
+    lines += ["## Table 4 — cost", "",
+              "`python benchmarks/overhead.py` (step time) and the wall times of the runs above.", ""]
     over = root / "results" / "overhead" / "overhead.json"
     if over.exists():
         o = json.loads(over.read_text())

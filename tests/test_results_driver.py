@@ -78,9 +78,9 @@ def test_render_groups_seeds_and_pairs_migu_with_base(tmp_path):
            f"60.0 ± 0.0 | 1.0 ± 0.0 | 105 |" in text
     assert "| 1 | seq-lora | 0.7 | 0.001 | 0,1 | 46.5 ± 2.1 | -5.0 ± 1.4 |" in text
     # paired deltas: AA +5, −2 → +1.5 ± 4.9; BWT +6, +14 → +10.0 ± 5.7; MIGU higher in 1 of 2
-    assert "| 1 | seq-lora | 2 | +1.5 ± 4.9 | +10.0 ± 5.7 | 1/2 |" in text
+    assert "MIGU − no MIGU, paired by seed" in text and "| 1 | seq-lora | 0.7 | 2 | +1.5 ± 4.9 | +10.0 ± 5.7 | 1/2 |" in text
     assert "`data.train_per_task=64`" in text and "`seed=" not in text and "code versions: abc1234" in text
-    assert "| table1 | seq-lora | 1 | 2 / 2 | 105 | 110 | ×1.05 |" in text
+    assert "| table1 | 1 | seq-lora | 1 | 2 / 2 | 105 | 110 | ×1.05 |" in text
     assert "Table 2" in text and "Not run yet." in text
     # one figure per table that has runs, from the same per-condition statistics
     assert "![Table 1" in text and "(images/results_table1.png)" in text and "results_table2.png" not in text
@@ -101,6 +101,9 @@ def test_threshold_ablation_figure(tmp_path):
     stats = results.condition_stats(json.loads(f.read_text()) for f in sorted(out.glob("*.json")))
     assert [(g["threshold"], g["n"], g["aa_mean"]) for g in stats] == [(0.0, 2, 52.0), (0.7, 1, 40.0)]
     assert stats[1]["aa_std"] is None  # one seed: no spread, not zero
+    # no run without MIGU: T = 0 (plain training) is the reference, paired by seed (seed 0 only for T = 0.7)
+    assert "MIGU − T = 0, paired by seed" in results.render(tmp_path).read_text()
+    assert "| 1 | seq-ft | 0.7 | 1 | -10.0 | +0.0 | 0/1 |" in results.render(tmp_path).read_text()
     fig = results.plot_table("table3", [json.loads(f.read_text()) for f in out.glob("*.json")])
     assert [len(ax.lines) > 0 for ax in fig.axes] == [True, True, True]
     assert "1/2 seed(s)" in fig.get_suptitle()
@@ -183,4 +186,4 @@ def test_a_run_that_shared_the_cores_is_noted_and_left_out_of_wall_times(tmp_pat
     text = results.render(tmp_path).read_text()
     assert "- `r1True`: cores shared with a CI run" in text
     assert "| 1 | seq-ft | 0.7 | 0.001 | 0,1 | 40.0 ± 0.0 |" in text and "| 110 |" in text and "| 505 |" not in text
-    assert "| table1 | seq-ft | default | 1 / 1 | 100 | 110 | ×1.10 |" in text
+    assert "| table1 | 1 | seq-ft | default | 1 / 1 | 100 | 110 | ×1.10 |" in text
