@@ -18,6 +18,7 @@ results/<table>/<run>.json, which is committed. `render` reads only results/.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import shutil
 import statistics
@@ -85,7 +86,11 @@ def _version() -> str:
     """The short git commit the numbers come from (migu's provenance, as in each run's summary)."""
     from migu.train import provenance
 
-    return (provenance()["git_commit"] or "unknown")[:7]
+    return _short(provenance()["git_commit"])
+
+
+def _short(commit: str | None) -> str:
+    return (commit or "unknown")[:7]
 
 
 def pick_methods(runs: list, methods: list[str] | None) -> list:
@@ -138,7 +143,7 @@ def run_table(table: str, runs, list_only: bool, threads: int | None = None, roo
         keep = {k: summary.get(k) for k in ("aa", "bwt", "fwt", "forgetting", "tasks", "matrix", "r0", "method",
                                              "migu", "seed", "lr", "wall_time_s", "git_commit", "machine",
                                              "versions")}
-        keep.update(table=table, run=name, settings=sets, code_version=(summary["git_commit"] or "unknown")[:7],
+        keep.update(table=table, run=name, settings=sets, code_version=_short(summary["git_commit"]),
                     threads=cfg.threads)
         target.write_text(json.dumps(keep, indent=1) + "\n")
         print(f"done   {table}/{name}: AA {summary['aa']:.1f} BWT {summary.get('bwt')}", flush=True)
@@ -169,7 +174,7 @@ def reproduce(specs=REPRODUCE, root: Path = ROOT) -> list[Path]:
                               root / "runs" / "results" / "reproduce" / table / name, orig.get("threads"))
         out = {"table": table, "run": name, "threads": orig.get("threads"),
                "original": {k: orig.get(k) for k in ("code_version", "machine", "aa", "bwt", "r0", "matrix")},
-               "rerun": {"code_version": (summary["git_commit"] or "unknown")[:7], "machine": summary["machine"],
+               "rerun": {"code_version": _short(summary["git_commit"]), "machine": summary["machine"],
                          "aa": summary["aa"], "bwt": summary["bwt"], "r0": summary["r0"], "matrix": summary["matrix"],
                          "wall_time_s": summary["wall_time_s"]},
                **compare_cells(orig, summary)}
@@ -302,6 +307,11 @@ def _mean_cells(cells) -> float | None:
     return statistics.mean(cells) if cells else None
 
 
+def _learned(r: dict) -> float | None:
+    """Mean accuracy on each task right after training it (the diagonal R[i][i])."""
+    return _mean_cells(row[i] for i, row in enumerate(r["matrix"]))
+
+
 def load_results(root: Path = ROOT) -> dict[str, list[dict]]:
     """{table: [run summary, ...]} from root/results/<table>/*.json (table1–3)."""
     return {t: [json.loads(f.read_text()) for f in sorted((root / "results" / t).glob("*.json"))] for t in TITLES}
@@ -322,7 +332,7 @@ def table_lines(runs: list[dict]) -> list[str]:
              "wall s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (order, method, t), rs in groups:
         seeds = ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
-        diag = [_mean_cells(row[i] for i, row in enumerate(r["matrix"])) for r in rs]
+        diag = [_learned(r) for r in rs]
         lines.append(
             f"| {order} | {method} | {'–' if t is None else t} | {rs[0]['lr']:g} | {seeds} | "
             f"{_fmt([r['aa'] for r in rs])} | {_fmt([r['bwt'] for r in rs], True)} | "
@@ -375,9 +385,7 @@ def settings_line(runs: list[dict]) -> str:
         common = {k: v for k, v in common.items() if r["settings"].get(k) == v}
     codes = ", ".join(sorted({r["code_version"] for r in runs}))
     threads = sorted({str(r.get("threads") or "default") for r in runs})
-    machines = {}
-    for r in runs:
-        machines[_machine(r.get("machine"))] = machines.get(_machine(r.get("machine")), 0) + 1
+    machines = collections.Counter(_machine(r.get("machine")) for r in runs)
     return (f"Settings: {', '.join(f'`{k}={v}`' for k, v in common.items())}; torch threads per run: "
             f"{'/'.join(threads)}; code versions: {codes}; machines: "
             f"{'; '.join(f'{m} × {n} runs' for m, n in sorted(machines.items()))}.")
@@ -411,7 +419,7 @@ def condition_stats(runs: list[dict]) -> list[dict]:
         g = {"order": order, "method": method, "migu": t is not None, "threshold": t, "n": len(rs),
              "seeds": sorted(r["seed"] for r in rs)}
         values = {"aa": [r["aa"] for r in rs], "bwt": [r["bwt"] for r in rs],
-                  "diag": [_mean_cells(row[i] for i, row in enumerate(r["matrix"])) for r in rs]}
+                  "diag": [_learned(r) for r in rs]}
         for key, vs in values.items():
             vs = [v for v in vs if v is not None]
             g[f"{key}_mean"] = statistics.mean(vs) if vs else None
@@ -433,7 +441,7 @@ def plot_table(table: str, runs: list[dict]):
         fig.suptitle(f"{TITLES[table].split(' — ')[0]}: " + fig.get_suptitle(), fontsize=11)
         return fig
     fig = new_figure(12.0, 4.0)
-    seeds = sorted({g["n"] for g in stats})
+    counts = sorted({g["n"] for g in stats})
     for ax, (key, label) in zip(fig.subplots(1, 3), (("aa", "AA (%)"), ("bwt", "BWT (%)"),
                                                       ("diag", "learned R[i][i] (%)"))):
         pts = [(g["threshold"], g[f"{key}_mean"], g[f"{key}_std"] or 0.0) for g in stats
@@ -449,7 +457,7 @@ def plot_table(table: str, runs: list[dict]):
         ax.margins(y=0.15)
         if key == "bwt":
             ax.axhline(0, color="black", linewidth=0.6)
-    n = "/".join(str(k) for k in seeds)
+    n = "/".join(str(k) for k in counts)
     fig.suptitle(f"Table 3: threshold ablation, seq-ft (mean ± sample std over {n} seed(s))", fontsize=11)
     return fig
 

@@ -102,8 +102,8 @@ def test_threshold_ablation_figure(tmp_path):
     assert [(g["threshold"], g["n"], g["aa_mean"]) for g in stats] == [(0.0, 2, 52.0), (0.7, 1, 40.0)]
     assert stats[1]["aa_std"] is None  # one seed: no spread, not zero
     # no run without MIGU: T = 0 (plain training) is the reference, paired by seed (seed 0 only for T = 0.7)
-    assert "MIGU − T = 0, paired by seed" in results.render(tmp_path).read_text()
-    assert "| 1 | seq-ft | 0.7 | 1 | -10.0 | +0.0 | 0/1 |" in results.render(tmp_path).read_text()
+    text = results.render(tmp_path).read_text()
+    assert "MIGU − T = 0, paired by seed" in text and "| 1 | seq-ft | 0.7 | 1 | -10.0 | +0.0 | 0/1 |" in text
     fig = results.plot_table("table3", [json.loads(f.read_text()) for f in out.glob("*.json")])
     assert [len(ax.lines) > 0 for ax in fig.axes] == [True, True, True]
     assert "1/2 seed(s)" in fig.get_suptitle()
