@@ -4,6 +4,7 @@ then one contract every registered method meets through the real loop (with and 
 import json
 import math
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,11 @@ from migu.core import MIGU
 from migu.data import DataError, Example, Task, collate, encode
 from migu.methods import METHODS, Context, get_method
 from migu.methods.ewc import EWC, EwcOptions, answer_nll
+from migu.data import IGNORE_INDEX
 from migu.methods.gere import DEFAULT_GENERAL_FILE, GeRe, GereOptions, margin_loss, read_general_texts
 from migu.methods.i_lora import ILoRA, ILoraOptions
 from migu.methods.inc_lora import IncLoRA, lora_layers
+from migu.methods.lora_replay import LoRAReplay, LoraReplayOptions
 from migu.methods.o_lora import OLoRA, OLoraOptions
 from migu.methods.replay import Replay, ReplayOptions, Reservoir, replay_count
 from migu.models import tiny_model, tiny_model_dir
@@ -54,7 +57,7 @@ def train_phase(method, model, tok, index, tasks, all_tasks, steps=2, lr=1e-2, t
     params = method.trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=lr)
     migu = MIGU(model, threshold=threshold, target_modules=method.migu_target_modules()) if threshold else None
-    items = ctx.encode([ex for task in tasks for ex in task.train])
+    items = method.train_items(index, tasks, ctx.encode([ex for task in tasks for ex in task.train]), ctx)
     for step in range(1, steps + 1):
         chunk = [items[(step * batch + j) % len(items)] for j in range(batch)]
         step_loss(model, [collate(method.mix_batch(chunk, step), tok.pad_token_id)], method,
@@ -138,7 +141,8 @@ def test_unknown_method_is_one_line_error_listing_known_ones(capsys):
 
 def test_method_options_are_documented_in_help():
     text = describe_options()
-    for key in ("method.replay.rate", "method.inc_lora.r", "method.o_lora.lambda1", "method.i_lora.ema_max",
+    for key in ("method.replay.rate", "method.replay.mix", "method.lora_replay.mix", "method.lora_replay.r",
+                "method.ewc.fisher_samples", "method.inc_lora.r", "method.o_lora.lambda1", "method.i_lora.ema_max",
                 "method.gere.general_file", "method.gere.tm_weight", "method.ewc.lam", "method.ewc.gamma"):
         assert f"  {key} (" in text, key
 
@@ -148,7 +152,11 @@ def test_method_options_are_documented_in_help():
     (["method.name=o-lora", "method.o_lora.lambda1=-1"], "method.o_lora.lambda1=-1.0: must be >= 0"),
     (["method.name=i-lora", "method.i_lora.ema_max=1.5"], "method.i_lora.ema_max=1.5: must be in [0, 1)"),
     (["method.name=gere", "method.gere.general_file=/no/such.jsonl"], "method.gere.general_file=/no/such.jsonl"),
-    (["method.name=ewc", "method.ewc.fisher_batches=0"], "method.ewc.fisher_batches=0: must be >= 1"),
+    (["method.name=ewc", "method.ewc.fisher_samples=0"], "method.ewc.fisher_samples=0: must be >= 1"),
+    (["method.name=replay", "method.replay.mix=interleave"], "method.replay.mix=interleave: must be 'append' or 'batch'"),
+    (["method.name=replay", "method.replay.buffer_size=8"], "method.replay.buffer_size=8: only used with mix=batch"),
+    (["method.name=lora-replay", "method.lora_replay.mix=x"], "method.lora_replay.mix=x: must be 'append' or 'batch'"),
+    (["method.name=lora-replay", "method.lora_replay.r=0"], "method.lora_replay.r=0: must be >= 1"),
 ])
 def test_bad_method_options_name_the_key(bad, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):
@@ -157,7 +165,7 @@ def test_bad_method_options_name_the_key(bad, message):
 
 def test_every_method_config_loads_and_names_its_command():
     paths = sorted((REPO / "configs" / "methods").glob("*.yaml"))
-    assert {p.stem for p in paths} >= {"replay", "inc-lora", "o-lora", "i-lora", "gere", "ewc", "mtl"}
+    assert {p.stem for p in paths} >= {"replay", "lora-replay", "inc-lora", "o-lora", "i-lora", "gere", "ewc", "mtl"}
     for path in paths:
         cfg = load_config(path)
         assert cfg.method.name == path.stem
@@ -187,10 +195,10 @@ def test_replay_count_has_the_configured_rate():
     assert sum(draws) / len(draws) == pytest.approx(8 / 7, abs=0.02) and set(draws) == {1, 2}
 
 
-def test_replay_batches_hold_past_task_items_at_the_rate():
+def test_replay_batch_mix_holds_past_task_items_at_the_rate():
     model, tok = tiny_model("llama", seed=0)
     tasks = make_tasks(2, n=50)
-    method = Replay(ReplayOptions(rate=0.2))
+    method = Replay(ReplayOptions(rate=0.2, mix="batch"))
     ctx = context(model, tok, tasks)
     method.before_task(0, tasks[:1], ctx)
     assert method.buffer.capacity == math.ceil(0.02 * 100)
@@ -202,9 +210,68 @@ def test_replay_batches_hold_past_task_items_at_the_rate():
     second = ctx.encode(tasks[1].train)
     mixed = method.mix_batch(second[:8], 1)
     assert mixed[:8] == second[:8] and len(mixed) == 10 and all(item in first for item in mixed[8:])
-    restored = Replay(ReplayOptions())
+    assert method.train_items(1, tasks[1:], second, ctx) == second  # batch mixing adds no training items
+    restored = Replay(ReplayOptions(mix="batch"))
     restored.load_state_dict(method.state_dict())
     assert restored.buffer.items == method.buffer.items and restored.buffer.seen == 50
+
+
+def test_replay_append_stores_ratio_of_each_task_and_appends_them_to_later_tasks():
+    model, tok = tiny_model("llama", seed=0)
+    tasks = make_tasks(3, n=50)
+    method = Replay(ReplayOptions(ratio=0.05))  # the default mix: append
+    ctx = context(model, tok, tasks)
+    encoded = [ctx.encode(t.train) for t in tasks]
+    method.before_task(0, tasks[:1], ctx)
+    assert method.train_items(0, tasks[:1], encoded[0], ctx) == encoded[0]  # nothing stored yet
+    method.after_task(0, tasks[:1], ctx)
+    assert len(method.stored) == 1 and len(method.stored[0]) == math.ceil(0.05 * 50) == 3
+    assert len({tuple(x["input_ids"]) for x in method.stored[0]}) == 3 and all(x in encoded[0] for x in method.stored[0])
+    method.before_task(1, tasks[1:2], ctx)
+    assert method.train_items(1, tasks[1:2], encoded[1], ctx) == encoded[1] + method.stored[0]
+    assert method.mix_batch(encoded[1][:8], 1) == encoded[1][:8]  # micro-batches are not changed
+    method.after_task(1, tasks[1:2], ctx)
+    assert len(method.stored) == 2 and all(x in encoded[1] for x in method.stored[1])
+    assert method.train_items(2, tasks[2:], encoded[2], ctx) == encoded[2] + method.stored[0] + method.stored[1]
+    restored = Replay(ReplayOptions(ratio=0.05))
+    restored.load_state_dict(method.state_dict())
+    assert restored.stored == method.stored
+    assert ReplayOptions(ratio=0.02).per_task(8) == 1 and ReplayOptions(ratio=1.0).per_task(8) == 8
+
+
+def test_replay_append_through_the_loop_sees_each_stored_item_once_per_epoch(model_dir, stream, tmp_path,
+                                                                                 monkeypatch):
+    seen = []
+    real_mix = Replay.mix_batch
+
+    def mix(self, items, step):
+        seen.append([tuple(x["input_ids"]) for x in items])
+        return real_mix(self, items, step)
+
+    monkeypatch.setattr(Replay, "mix_batch", mix)
+    cfg = tiny_run_config(model_dir, stream, tmp_path / "r", **{"method.name": "replay", "method.replay.ratio": 0.25,
+                                                                "train.epochs": 2})
+    migu.train.run(cfg, quiet=True)
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert Counter(r["stage"] for r in records if r["type"] == "train") == {0: 4, 1: 6}
+    # 8 items / batch 4, 2 epochs; then 8 + ceil(0.25 x 8) = 10 items: 3 steps per epoch
+    phase0 = [x for mb in seen[:2] for x in mb]
+    epoch1, epoch2 = [x for mb in seen[4:7] for x in mb], [x for mb in seen[7:] for x in mb]
+    assert len(phase0) == 8 and len(epoch1) == 10 and Counter(epoch1) == Counter(epoch2)  # each once per epoch
+    assert sum(x in phase0 for x in epoch1) == 2  # ceil(0.25 x 8) items of the first task among them
+
+
+def test_lora_replay_trains_only_the_adapter_and_replays():
+    method, model, tok = lora_model(LoRAReplay, LoraReplayOptions(**LORA, ratio=0.25))
+    assert LoRAReplay.default_lr == 1e-4 and method.migu_target_modules() == LORA["target_modules"]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if "lora_" in n}
+    tasks = make_tasks(2)
+    train_phase(method, model, tok, 0, tasks[:1], tasks)
+    assert len(method.stored) == 1 and len(method.stored[0]) == 2  # ceil(0.25 x 8)
+    ctx = context(model, tok, tasks)
+    second = ctx.encode(tasks[1].train)
+    assert method.train_items(1, tasks[1:], second, ctx) == second + method.stored[0]
 
 
 # ------------------------------------------------------------------------------------------ inc-lora
@@ -322,6 +389,42 @@ def test_i_lora_evaluates_with_the_slow_adapter_and_migu_masks_the_fast_one():
     assert all(".fast." in n for n, p in model.named_parameters() if p.requires_grad)
 
 
+def test_i_lora_fills_its_buffer_on_the_fly_and_replays_from_the_second_task():
+    method, model, tok = lora_model(ILoRA, ILoraOptions(**LORA, buffer_size=5, rate=0.5))
+    tasks = make_tasks(2)
+    ctx = context(model, tok, tasks)
+    first, second = ctx.encode(tasks[0].train), ctx.encode(tasks[1].train)
+    method.before_task(0, tasks[:1], ctx)
+    assert method.mix_batch(first[:4], 1) == first[:4]  # first task: offered, nothing replayed
+    assert method.buffer.seen == 4 and method.buffer.items == first[:4]
+    assert method.mix_batch(first[4:], 2) == first[4:]
+    # the same 8 offers through a fresh reservoir with the phase's seed: the same 5 kept items
+    hand, rng = Reservoir(5), random.Random("reservoir:0:0")
+    for item in first:
+        hand.offer(item, rng)
+    assert method.buffer.items == hand.items and method.buffer.seen == 8
+    method.before_task(1, tasks[1:], ctx)
+    mixed = method.mix_batch(second[:4], 1)  # the current task's items enter the buffer before the draw
+    assert method.buffer.seen == 12 and mixed[:4] == second[:4] and len(mixed) == 8
+    rng = random.Random("reservoir:0:1")
+    for item in second[:4]:
+        hand.offer(item, rng)
+    assert method.buffer.items == hand.items and all(item in hand.items for item in mixed[4:])
+    restored = ILoRA(ILoraOptions(**LORA, buffer_size=5))
+    restored.load_state_dict(method.state_dict())
+    assert restored.buffer.items == method.buffer.items and restored.buffer.seen == 12
+
+
+def test_i_lora_replayed_rows_are_counted_from_the_end():
+    method = ILoRA(ILoraOptions())
+    x, y = [5, 6, 7], [8, 9, 10]
+    batch = {"input_ids": torch.tensor([x, y, x]), "attention_mask": torch.ones(3, 3, dtype=torch.long)}
+    method.replayed = Counter({tuple(x): 1})
+    assert method.replayed_rows(batch) == [2]  # a task copy of a replayed item is not a replay
+    method.replayed = Counter({tuple(x): 2, tuple(y): 1})
+    assert method.replayed_rows(batch) == [0, 1, 2]
+
+
 def test_i_lora_consistency_loss_on_replayed_rows_only():
     method, model, tok = lora_model(ILoRA, ILoraOptions(**LORA, buffer_size=4, rate=0.5))
     tasks = make_tasks(2)
@@ -331,6 +434,7 @@ def test_i_lora_consistency_loss_on_replayed_rows_only():
     current = ctx.encode(tasks[1].train)[:4]
     mixed = method.mix_batch(current, 1)
     assert len(mixed) == 8 and all(item in method.buffer.items for item in mixed[4:])
+    assert method.replayed_rows(collate(mixed, tok.pad_token_id)) == [4, 5, 6, 7]
 
     def loss(items):
         batch = collate(items, tok.pad_token_id)
@@ -338,7 +442,9 @@ def test_i_lora_consistency_loss_on_replayed_rows_only():
                         output_hidden_states=True)
         return method.extra_loss(model, batch, outputs)
 
-    assert loss(current) is None  # no replayed row
+    replayed, method.replayed = method.replayed, Counter()
+    assert loss(mixed) is None  # no replayed row this step
+    method.replayed = replayed
     with torch.no_grad():
         for slow, fast in method.pairs:
             slow.copy_(fast)

@@ -12,6 +12,7 @@ from migu.methods.gere import GeRe
 from migu.methods.i_lora import ILoRA
 from migu.methods.inc_lora import IncLoRA
 from migu.methods.mtl import MTL
+from migu.methods.lora_replay import LoRAReplay
 from migu.methods.o_lora import OLoRA
 from migu.methods.replay import Replay
 from migu.methods.seq_ft import SeqFT
@@ -47,5 +48,6 @@ register(SeqFT)
 register(SeqLoRA)
 for _cls in (Replay, IncLoRA, OLoRA, ILoRA, GeRe, EWC, MTL):  # issue 5
     register(_cls)
+register(LoRAReplay)  # issue 14
 
 __all__ = ["METHODS", "Context", "LoraOptions", "Method", "NoOptions", "get_method", "options_key", "register"]

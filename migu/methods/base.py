@@ -83,6 +83,7 @@ class Method:
         phases(tasks) -> [(name, [tasks])]    training phases; one row of the accuracy matrix each
         before_task(i, tasks, ctx)            before phase i (e.g. add an adapter, snapshot weights)
         trainable_parameters(model) -> list   what the (fresh, per-phase) optimizer updates
+        train_items(i, tasks, items, ctx)     the phase's encoded training items (append replayed ones)
         mix_batch(items, step) -> items       add/replace encoded items of a micro-batch (replay)
         extra_loss(model, batch, outputs)     a tensor added to the micro-batch loss, or None
         after_step(step)                      after each optimizer step (EMA, counters)
@@ -121,6 +122,14 @@ class Method:
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """Parameters the optimizer of the coming phase updates (called after `before_task`)."""
         return [p for p in model.parameters() if p.requires_grad]
+
+    def train_items(self, index: int, tasks: list, items: list[dict], ctx: Context) -> list[dict]:
+        """The encoded training items of phase `index` (default: its tasks' items, unchanged).
+
+        Called after `trainable_parameters`; the loop shuffles what it returns into micro-batches,
+        so every returned item is seen once per epoch (e.g. replay appends stored past items).
+        """
+        return items
 
     def mix_batch(self, items: list[dict], step: int) -> list[dict]:
         """Return the encoded items (`input_ids`, `labels` lists) of one micro-batch; default unchanged.

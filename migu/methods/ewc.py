@@ -2,8 +2,9 @@
 
 Differs from `seq-ft` (Kirkpatrick et al., 2017; the online form of Schwarz et al., 2018) in:
 - `after_task`: the diagonal empirical Fisher of the task just trained, F_i = mean over
-  `fisher_batches` random training batches of (d loss / d theta_i)^2, where loss is the batch's
-  token-mean answer NLL (the training loss); it is accumulated as F <- gamma * F + F_task
+  `fisher_samples` random training examples of (d loss_x / d theta_i)^2, loss_x being that one
+  example's token-mean answer NLL (the training loss at batch size one; per-example gradients from
+  micro-batches of one, so no padding enters); it is accumulated as F <- gamma * F + F_task
   (gamma = 1: the plain sum over tasks; gamma < 1 discounts old tasks);
 - `before_task` (phases after the first): the anchor theta* is a copy of the parameters as they
   are now, i.e. after the previous task (one anchor, as in online EWC; not kept in checkpoints: it
@@ -11,10 +12,11 @@ Differs from `seq-ft` (Kirkpatrick et al., 2017; the online form of Schwarz et a
 - `extra_loss`: (lam / 2) * sum_i F_i (theta_i - theta*_i)^2 over the trainable parameters.
 Memory: the Fisher and the anchor are one float32 copy of the trainable parameters each.
 
-Scale: F is the squared gradient of a batch-mean loss, so it is small. Measured on SmolLM2-135M
-after dbpedia (2 batches of 8): sum_i F_i = 2.6e2, i.e. 1.9e-6 per parameter; one AdamW step at lr
-5e-5 then costs 3e-7 * lam. The default lam = 1e6 makes the penalty's pull on a typical parameter
-match its task gradient after roughly 10-20 such steps; rescale lam with the batch size and model.
+Scale: migu before issue 14 squared the gradient of a batch-mean loss (batches of 8). Near an
+optimum per-example gradients are nearly uncorrelated, so that was about 1/8 of this per-example
+Fisher, and it also ranked parameters differently (gradients that cancel across examples vanished).
+The default lam = 1.25e5 is the earlier 1e6 divided by that batch size, so the penalty's typical
+pull is unchanged; rescale lam with the model and the number of answer tokens.
 """
 
 from __future__ import annotations
@@ -33,14 +35,12 @@ from migu.methods.seq_ft import SeqFT
 class EwcOptions:
     """EWC penalty strength and Fisher estimation."""
 
-    lam: float = 1.0e6
-    """lambda: the penalty is (lambda/2) * sum F_i (theta_i - theta*_i)^2 (F is the raw squared gradient)."""
+    lam: float = 1.25e5
+    """lambda: the penalty is (lambda/2) * sum F_i (theta_i - theta*_i)^2, F the mean per-example squared gradient."""
     gamma: float = 1.0
     """Online decay of the accumulated Fisher, F <- gamma*F + F_task; 1.0 = sum over tasks."""
-    fisher_batches: int = 8
-    """Training batches of the finished task that estimate its Fisher."""
-    fisher_batch_size: int = 8
-    """Examples per Fisher batch."""
+    fisher_samples: int = 64
+    """Training examples of the finished task (drawn without replacement; all if fewer) whose per-example squared gradients are averaged."""
 
     def validate(self, key: str) -> None:
         """Raise `ValueError` naming `key.<field>` for an invalid value."""
@@ -48,10 +48,8 @@ class EwcOptions:
             raise ValueError(f"{key}.lam={self.lam}: must be >= 0")
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"{key}.gamma={self.gamma}: must be in [0, 1]")
-        if self.fisher_batches < 1:
-            raise ValueError(f"{key}.fisher_batches={self.fisher_batches}: must be >= 1")
-        if self.fisher_batch_size < 1:
-            raise ValueError(f"{key}.fisher_batch_size={self.fisher_batch_size}: must be >= 1")
+        if self.fisher_samples < 1:
+            raise ValueError(f"{key}.fisher_samples={self.fisher_samples}: must be >= 1")
 
 
 def answer_nll(model, batch: dict) -> torch.Tensor:
@@ -88,18 +86,17 @@ class EWC(SeqFT):
         return self.penalty() if self.anchor and self.options.lam else None
 
     def estimate_fisher(self, model, items: list[dict], pad_id: int, rng: random.Random) -> dict[str, torch.Tensor]:
-        """Mean over random batches of `items` of the squared gradient of the answer NLL, per parameter."""
-        o = self.options
+        """Mean over `fisher_samples` random items of the squared gradient of each one's answer NLL."""
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
         for p in params.values():
             p.grad = None
-        for _ in range(o.fisher_batches):
-            batch = on_model_device(collate(rng.sample(items, min(o.fisher_batch_size, len(items))), pad_id), model)
-            answer_nll(model, batch).backward()
+        chosen = rng.sample(items, min(self.options.fisher_samples, len(items)))
+        for item in chosen:  # micro-batches of one: the per-example gradient, without padding
+            answer_nll(model, on_model_device(collate([item], pad_id), model)).backward()
             for n, p in params.items():
                 if p.grad is not None:
-                    fisher[n] += p.grad.float().pow(2) / o.fisher_batches
+                    fisher[n] += p.grad.float().pow(2) / len(chosen)
                     p.grad = None
         return fisher
 

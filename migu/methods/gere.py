@@ -7,11 +7,18 @@ Learning of LLM via General Samples Replay"; reference code Qznan/GeRe) in:
   *base* model on them once. Per dimension of the last hidden state, over all their tokens, mu and
   sigma give the band [lo, hi] = [mu - sigma, mu + sigma]; every (sample, token, dimension) gets the
   base model's state: +1 above hi, -1 below lo, 0 inside. Never recomputed; kept in `state_dict`.
-- `mix_batch`: general samples (LM loss on all their tokens), on average `rate` of each micro-batch.
-- `extra_loss`: tm_weight x the mean, over those rows' tokens and dimensions, of a hinge that keeps
-  each activation h in its base state: base inside: relu(h - hi) + relu(lo - h) (zero inside the
-  band, positive outside); base above: relu(hi - h); base below: relu(h - lo). The reference divides
-  the summed hinge by its number of nonzero terms instead, which is larger than this plain mean.
+- `mix_batch`: general samples, on average `rate` of each micro-batch. Their labels are all -100, so
+  the loop's answer-token loss is the task loss alone; their LM loss is part of `extra_loss`.
+- `extra_loss`, as the reference (`GeReTrainer.compute_gere_loss` / `compute_loss` in Qznan/GeRe
+  gere/gere_trainer.py) on a micro-batch that holds general rows:
+  (1/2) (L_general - L_task) + tm_weight x M, so the step minimises (L_task + L_general) / 2 + tm_weight x M:
+  the task and general LM losses averaged 1:1, each a token mean over its own rows (L_general over
+  every next-token of the general rows, from the last hidden state through the LM head; L_task
+  recomputed from the loop's logits). M is the threshold-margin hinge that keeps each activation h
+  of the last hidden state in its base state: base inside: relu(h - hi) + relu(lo - h) (zero inside
+  the band, positive outside); base above: relu(hi - h); base below: relu(h - lo); summed over the
+  general rows' real tokens and dimensions and divided by the number of nonzero terms (0 when none).
+  A micro-batch without general rows trains on the task loss alone, as in the reference.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from migu.data import DataError, collate, on_model_device
+from migu.data import IGNORE_INDEX, DataError, collate, on_model_device
 from migu.methods.replay import replay_count
 from migu.methods.seq_ft import SeqFT
 
@@ -45,7 +52,7 @@ class GereOptions:
     rate: float = 0.125
     """Expected fraction of each micro-batch that is general samples: n task items get n*rate/(1-rate)."""
     tm_weight: float = 100.0
-    """Weight of the threshold-margin loss (a plain mean: about 1e-3 after a few full-FT steps on SmolLM2-135M)."""
+    """Weight of the threshold-margin loss (mean over its nonzero hinge terms; the reference's default w_strategy '100')."""
 
     def validate(self, key: str) -> None:
         """Raise `ValueError` naming `key.<field>` for an invalid value."""
@@ -85,6 +92,18 @@ def margin_loss(h: torch.Tensor, state: torch.Tensor, lo: torch.Tensor, hi: torc
     return torch.where(state == 0, inside, torch.where(state > 0, F.relu(hi - h), F.relu(h - lo)))
 
 
+def task_nll(batch: dict, logits: torch.Tensor) -> torch.Tensor:
+    """Token-mean answer NLL of a micro-batch from the loop's logits (kept at the positions that predict answers)."""
+    target = batch["labels"][:, 1:]
+    keep = (target != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+    if keep.numel() == 0:
+        return logits.sum() * 0.0
+    if logits.shape[1] == target.shape[1] + 1:  # every position's logits (a forward without logits_to_keep)
+        logits = logits[:, :-1][:, keep]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target[:, keep].reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
 class GeRe(SeqFT):
     """Full fine-tuning with general-sample replay and a threshold-margin loss on their hidden states."""
 
@@ -105,7 +124,7 @@ class GeRe(SeqFT):
         self.items = []
         for text in read_general_texts(path, self.options.max_samples):
             ids = tokenizer(text)["input_ids"][: self.options.max_tokens - 1] + [tokenizer.eos_token_id]
-            self.items.append({"input_ids": ids, "labels": list(ids)})
+            self.items.append({"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids)})  # LM loss: extra_loss
         self.index = {tuple(item["input_ids"]): i for i, item in enumerate(self.items)}
 
     @torch.no_grad()
@@ -140,18 +159,24 @@ class GeRe(SeqFT):
         return items + self.rng.sample(self.items, min(k, len(self.items)))
 
     def extra_loss(self, model, batch, outputs):
-        if not self.options.tm_weight:
-            return None
         ids, mask = batch["input_ids"], batch["attention_mask"]
         found = [(r, self.index.get(tuple(ids[r][mask[r].bool()].tolist()))) for r in range(ids.shape[0])]
         found = [(r, j) for r, j in found if j is not None]
         if not found:
             return None
+        rows = [r for r, _ in found]
         h = outputs.hidden_states[-1]
-        lo, hi = self.lo.to(h.device), self.hi.to(h.device)  # a resumed state is loaded on the CPU
-        losses = [margin_loss(h[r, :len(self.states[j])].float(), self.states[j].to(h.device), lo, hi).mean()
-                  for r, j in found]
-        return self.options.tm_weight * torch.stack(losses).mean()
+        # the general rows' LM loss: every next token, from the final hidden state through the LM head
+        logits = model.get_output_embeddings()(h[rows, :-1]).float()
+        target = ids[rows, 1:].masked_fill(mask[rows, 1:] == 0, IGNORE_INDEX)
+        general = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX)
+        loss = 0.5 * (general - task_nll(batch, outputs.logits))
+        if self.options.tm_weight:
+            lo, hi = self.lo.to(h.device), self.hi.to(h.device)  # a resumed state is loaded on the CPU
+            hinge = torch.cat([margin_loss(h[r, :len(self.states[j])].float(), self.states[j].to(h.device), lo,
+                                           hi).flatten() for r, j in found])
+            loss = loss + self.options.tm_weight * hinge.sum() / (hinge != 0).sum().clamp(min=1)
+        return loss
 
     def state_dict(self):
         if self.lo is None:

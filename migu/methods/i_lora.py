@@ -6,7 +6,10 @@ Parameter Efficient Tuning"; reference code which47/LLMCL) in:
   ranks) and `slow`, a copy of it that is never trained;
 - `after_step`: slow <- lam * slow + (1 - lam) * fast with lam = min(1 - 1/(step + 1), ema_max),
   `step` counting optimizer steps over the whole run (so lam = 0 never happens after the first step);
-- `mix_batch` / `after_task`: its own reservoir replay of past training items (see `replay`);
+- `mix_batch`: as the reference (`ILoRATrainer.compute_loss`), every micro-batch's task items are
+  first offered to a reservoir buffer (Algorithm R, current task included, filled on the fly), then,
+  from the second phase on, replayed items drawn from it are appended (`rate`, see `replay`'s
+  `mix=batch`; the reference replays as many as the batch holds, rate 0.5);
 - `extra_loss`: on the replayed rows of a micro-batch, consistency_weight x the mean over transformer
   layers of MSE(h_fast, max(h_fast, h_slow)) on the non-padding tokens' hidden states, h_slow from a
   no-grad, dropout-free forward pass through the slow adapter (the embedding output, which no adapter
@@ -18,18 +21,19 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
 from migu.methods.base import LoraOptions
 from migu.methods.inc_lora import lora_layers
-from migu.methods.replay import ReplayOptions, Reservoir, offer_tasks, replay_count
+from migu.methods.replay import BufferOptions, Reservoir, replay_count
 from migu.methods.seq_lora import SeqLoRA
 
 
 @dataclass
-class ILoraOptions(ReplayOptions, LoraOptions):
+class ILoraOptions(BufferOptions, LoraOptions):
     """LoRA, replay and EMA settings of I-LoRA."""
 
     ema_max: float = 0.25
@@ -39,7 +43,7 @@ class ILoraOptions(ReplayOptions, LoraOptions):
 
     def validate(self, key: str) -> None:
         LoraOptions.validate(self, key)
-        ReplayOptions.validate(self, key)
+        BufferOptions.validate(self, key)
         if not 0.0 <= self.ema_max < 1.0:
             raise ValueError(f"{key}.ema_max={self.ema_max}: must be in [0, 1)")
         if self.consistency_weight < 0:
@@ -73,8 +77,9 @@ class ILoRA(SeqLoRA):
 
     def __init__(self, options=None):
         super().__init__(options)
-        self.model, self.buffer, self.step, self.replayed, self.pairs = None, None, 0, set(), []
-        self.rng = random.Random(0)
+        self.model, self.buffer, self.step, self.pairs = None, None, 0, []
+        self.index, self.mix_step, self.replayed = 0, 0, Counter()  # replayed items of the current step
+        self.rng, self.fill_rng = random.Random(0), random.Random(0)
 
     def setup(self, model):
         from peft import LoraConfig, get_peft_model
@@ -95,13 +100,35 @@ class ILoRA(SeqLoRA):
     def before_task(self, index, tasks, ctx):
         if self.buffer is None:
             self.buffer = Reservoir(self.options.capacity(ctx.tasks))
+        self.index = index
         self.rng = random.Random(f"mix:{ctx.seed}:{index}")
-        self.replayed = {tuple(item["input_ids"]) for item in self.buffer.items}
+        self.fill_rng = random.Random(f"reservoir:{ctx.seed}:{index}")  # reproducible on resume
 
     def mix_batch(self, items, step):
-        if not self.buffer.items:
+        if step != self.mix_step:  # a new optimizer step: its micro-batches are mixed before any forward
+            self.mix_step, self.replayed = step, Counter()
+        for item in items:  # the reference adds the batch to the buffer first, then samples
+            self.buffer.offer(item, self.fill_rng)
+        if self.index == 0:  # the reference replays from the second task on
             return items
-        return items + self.buffer.sample(replay_count(len(items), self.options.rate, self.rng), self.rng)
+        replayed = self.buffer.sample(replay_count(len(items), self.options.rate, self.rng), self.rng)
+        self.replayed.update(tuple(item["input_ids"]) for item in replayed)
+        return items + replayed
+
+    def replayed_rows(self, batch: dict) -> list[int]:
+        """Rows of a collated micro-batch that `mix_batch` appended as replays.
+
+        Found by content, counted: replays follow the task items, so scanning from the last row, a
+        task item equal to a replayed one (just offered, drawn back) is not counted twice.
+        """
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        left, rows = Counter(self.replayed), []
+        for r in reversed(range(ids.shape[0])):
+            key = tuple(ids[r][mask[r].bool()].tolist())
+            if left[key] > 0:
+                left[key] -= 1
+                rows.append(r)
+        return sorted(rows)
 
     def ema_weight(self, step: int) -> float:
         """lam of the EMA update after optimizer step `step` (1-based, counted over the whole run)."""
@@ -117,11 +144,10 @@ class ILoRA(SeqLoRA):
     def extra_loss(self, model, batch, outputs):
         if not self.replayed or not self.options.consistency_weight:
             return None
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        rows = [r for r in range(ids.shape[0]) if tuple(ids[r][mask[r].bool()].tolist()) in self.replayed]
+        rows = self.replayed_rows(batch)
         if not rows:
             return None
-        ids, mask = ids[rows], mask[rows]
+        ids, mask = batch["input_ids"][rows], batch["attention_mask"][rows]
         was_training = model.training
         with torch.no_grad(), active_adapter(model, "slow"):
             model.eval()
@@ -135,9 +161,6 @@ class ILoRA(SeqLoRA):
             target = torch.maximum(h_fast.detach(), h_slow)
             losses.append(((h_fast - target).pow(2) * weight).sum() / (weight.sum() * h_fast.shape[-1]))
         return self.options.consistency_weight * torch.stack(losses).mean()
-
-    def after_task(self, index, tasks, ctx):
-        offer_tasks(self.buffer, index, tasks, ctx)
 
     def eval_context(self, model):
         return active_adapter(model, "slow")

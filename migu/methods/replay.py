@@ -1,17 +1,18 @@
-"""`replay`: experience replay from a uniform reservoir of past tasks' training items.
+"""`replay`: experience replay of stored past training items.
 
-Differs from `seq-ft` in two hooks: `after_task` streams the task's encoded training items through a
-reservoir (Algorithm R, Vitter 1985), and `mix_batch` appends replayed items to every micro-batch.
-
-Capacity: `buffer_size` items, or (default) `ceil(ratio * training items of the whole stream)`, fixed
-before the first task. After n offered items each one is in the buffer with probability
-min(1, capacity / n), so after task t the buffer holds about capacity / t items of every past task,
-and after the last task `ratio` of every task's data (2% by default).
-
-Mixing: a micro-batch of n task items gets k replayed items, drawn uniformly without replacement,
-with E[k] = n * rate / (1 - rate) (stochastic rounding), so on average `rate` of the micro-batch's
-items are replayed. Replayed items count in the answer-token loss like any other item.
-`ReplayOptions`, `Reservoir` and `replay_count` are shared with `i-lora` and `gere`.
+Differs from `seq-ft` in how past items come back (`mix`):
+- `append` (default; the paper's replay baseline, "2% of each past task's data"): `after_task` stores
+  `ceil(ratio x training items)` of each task just trained (a seeded uniform sample, at least one), and
+  `train_items` appends every stored item of every past task to the new task's training items, so
+  each is seen once per epoch, shuffled with the rest (a phase gets more steps, not bigger batches).
+- `batch` (migu's earlier rule, which produced results/table1's replay rows): `after_task` streams the
+  task's items through a reservoir (Algorithm R, Vitter 1985) of `buffer_size` items, or
+  `ceil(ratio x training items of the whole stream)`, fixed before the first task; after task t it
+  holds about capacity / t items of every past task. `mix_batch` gives a micro-batch of n task items
+  k replayed ones drawn uniformly without replacement, E[k] = n * rate / (1 - rate) (stochastic
+  rounding): 5-10x more rehearsal than `append` at the defaults.
+Replayed items count in the answer-token loss like any other item. `BufferOptions`, `Reservoir` and
+`replay_count` are shared with `i-lora` and `gere`; `ReplayOptions` and the hooks with `lora-replay`.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from migu.methods.seq_ft import SeqFT
 
 
 @dataclass
-class ReplayOptions:
-    """Reservoir replay of past tasks' training items."""
+class BufferOptions:
+    """A replay buffer of past training items, mixed into every micro-batch at a rate."""
 
     ratio: float = 0.02
     """Buffer capacity as a fraction of the stream's training items (rounded up); used when buffer_size is 0."""
@@ -48,6 +49,31 @@ class ReplayOptions:
         if self.buffer_size:
             return self.buffer_size
         return max(1, math.ceil(self.ratio * sum(len(t.train) for t in tasks)))
+
+
+MIX_MODES = ("append", "batch")
+
+
+@dataclass
+class ReplayOptions(BufferOptions):
+    """Replay of stored past training items: appended to each new task's data (the paper) or mixed per batch."""
+
+    ratio: float = 0.02
+    """Fraction replayed: mix=append stores ceil(ratio x each task's training items) (at least 1); mix=batch sizes the reservoir as ceil(ratio x the stream's training items) when buffer_size is 0."""
+    mix: str = "append"
+    """`append`: store ratio of each task's training items, append them all to every later task's training data (each seen once per epoch; the paper); `batch`: a reservoir of buffer_size (or ratio of the stream) items, `rate` of every micro-batch replayed (migu's earlier rule). buffer_size and rate apply to `batch` only."""
+
+    def validate(self, key: str) -> None:
+        BufferOptions.validate(self, key)
+        if self.mix not in MIX_MODES:
+            raise ValueError(f"{key}.mix={self.mix}: must be 'append' or 'batch'")
+        if self.mix == "append" and self.buffer_size:
+            raise ValueError(f"{key}.buffer_size={self.buffer_size}: only used with mix=batch "
+                             "(append stores ratio of each task)")
+
+    def per_task(self, n_items: int) -> int:
+        """Items stored of a task with `n_items` training items under `append`."""
+        return min(n_items, max(1, math.ceil(self.ratio * n_items)))
 
 
 class Reservoir:
@@ -94,33 +120,54 @@ def offer_tasks(buffer: Reservoir, index: int, tasks: list, ctx) -> None:
         buffer.offer(item, rng)
 
 
+def store_sample(items: list[dict], k: int, seed: int, index: int, name: str) -> list[dict]:
+    """k of a task's encoded training items, uniform without replacement, reproducible from the run seed."""
+    return random.Random(f"store:{seed}:{index}:{name}").sample(items, k)
+
+
 class Replay(SeqFT):
-    """Full fine-tuning with experience replay from a uniform reservoir of past training items."""
+    """Full fine-tuning with replay of stored past training items (appended to each task's data, or per batch)."""
 
     name = "replay"
     Options = ReplayOptions
 
     def __init__(self, options=None):
         super().__init__(options)
-        self.buffer: Reservoir | None = None
+        self.buffer: Reservoir | None = None  # mix=batch
+        self.stored: list[list[dict]] = []  # mix=append: the stored items of each past task, in order
         self.rng = random.Random(0)
 
     def before_task(self, index, tasks, ctx):
-        if self.buffer is None:
+        if self.options.mix == "batch" and self.buffer is None:
             self.buffer = Reservoir(self.options.capacity(ctx.tasks))
         self.rng = random.Random(f"mix:{ctx.seed}:{index}")  # which items replay, reproducible on resume
 
+    def train_items(self, index, tasks, items, ctx):
+        if self.options.mix != "append":
+            return items
+        return items + [item for task_items in self.stored for item in task_items]
+
     def mix_batch(self, items, step):
-        if not self.buffer or not self.buffer.items:
+        if self.options.mix != "batch" or not self.buffer or not self.buffer.items:
             return items
         return items + self.buffer.sample(replay_count(len(items), self.options.rate, self.rng), self.rng)
 
     def after_task(self, index, tasks, ctx):
-        offer_tasks(self.buffer, index, tasks, ctx)
+        if self.options.mix == "batch":
+            offer_tasks(self.buffer, index, tasks, ctx)
+            return
+        for task in tasks:
+            items = ctx.encode(task.train)
+            if items:
+                self.stored.append(store_sample(items, self.options.per_task(len(items)), ctx.seed, index, task.name))
 
     def state_dict(self):
-        return {"buffer": self.buffer.state_dict()} if self.buffer is not None else {}
+        state = {"stored": [list(x) for x in self.stored]}
+        if self.buffer is not None:
+            state["buffer"] = self.buffer.state_dict()
+        return state
 
     def load_state_dict(self, state):
+        self.stored = [list(x) for x in state.get("stored", [])]
         if "buffer" in state:
             self.buffer = Reservoir.from_state(state["buffer"])
