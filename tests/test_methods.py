@@ -498,7 +498,28 @@ def test_gere_thresholds_come_from_the_base_model_once(tmp_path):
     assert torch.equal(resumed.lo, lo) and all(torch.equal(a, b) for a, b in zip(resumed.states, method.states))
 
 
-def test_gere_mixes_general_samples_with_zero_margin_loss_on_the_base_model():
+def lm_nll(model, items):
+    """Hand computation: token-mean next-token NLL pooled over `items` (each run alone, no padding)."""
+    total, count = 0.0, 0
+    for item in items:
+        logits = model(input_ids=torch.tensor([item["input_ids"]])).logits[0, :-1]
+        total += torch.nn.functional.cross_entropy(logits, torch.tensor(item["input_ids"][1:]), reduction="sum")
+        count += len(item["input_ids"]) - 1
+    return total / count
+
+
+def answer_mean(model, items):
+    """Hand computation: token-mean answer NLL of task items (each run alone)."""
+    total, count = 0.0, 0
+    for item in items:
+        logits = model(input_ids=torch.tensor([item["input_ids"]])).logits[0, :-1]
+        labels = torch.tensor(item["labels"][1:])
+        total += torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        count += int((labels != IGNORE_INDEX).sum())
+    return total / count
+
+
+def test_gere_averages_task_and_general_lm_losses_one_to_one():
     model, tok = tiny_model("llama", seed=0)
     method = GeRe(GereOptions(max_samples=16, rate=0.5))
     tasks = make_tasks(1)
@@ -506,12 +527,51 @@ def test_gere_mixes_general_samples_with_zero_margin_loss_on_the_base_model():
     method.before_task(0, tasks, ctx)
     items = ctx.encode(tasks[0].train)[:4]
     mixed = method.mix_batch(items, 1)
-    assert len(mixed) == 8 and all(item in method.items for item in mixed[4:])
-    assert all(item["labels"] == item["input_ids"] for item in mixed[4:])  # LM loss on every token
+    general = mixed[4:]
+    assert len(mixed) == 8 and all(item in method.items for item in general)
+    assert all(set(item["labels"]) == {IGNORE_INDEX} for item in general)  # the loop's loss is the task's alone
     batch = collate(mixed, tok.pad_token_id)
     outputs = model(**{k: batch[k] for k in ("input_ids", "attention_mask")}, output_hidden_states=True)
-    assert method.extra_loss(model, batch, outputs).item() == pytest.approx(0.0, abs=1e-6)
-    assert method.extra_loss(model, collate(items, tok.pad_token_id), outputs) is None
+    with torch.no_grad():
+        l_task, l_general = answer_mean(model, items), lm_nll(model, general)
+    # on the base model every activation is in its base state: margin 0, extra = (L_general - L_task) / 2
+    extra = method.extra_loss(model, batch, outputs)
+    assert extra.item() == pytest.approx(0.5 * (l_general - l_task).item(), rel=1e-4)
+    # through the loop's step loss: L_task + extra = (L_task + L_general) / 2
+    nll, extra_sum = step_loss(model, [batch], method, True)
+    assert nll == pytest.approx(l_task.item(), rel=1e-4)
+    assert nll + extra_sum == pytest.approx(0.5 * (l_task + l_general).item(), rel=1e-4)
+    assert method.extra_loss(model, collate(items, tok.pad_token_id), outputs) is None  # no general row
+
+
+def test_gere_margin_is_the_mean_of_its_nonzero_hinge_terms():
+    model, tok = tiny_model("llama", seed=0)
+    tasks = make_tasks(1)
+    ctx = context(model, tok, tasks)
+    values = {}
+    for weight in (0.0, 1.0):
+        method = GeRe(GereOptions(max_samples=16, rate=0.5, tm_weight=weight))
+        method.before_task(0, tasks, ctx)  # the band from the untouched base model
+        torch.manual_seed(1)
+        moved, _ = tiny_model("llama", seed=0)
+        with torch.no_grad():
+            for p in moved.parameters():
+                p.add_(0.05 * torch.randn_like(p))  # a trained model: some activations leave their state
+        mixed = method.mix_batch(ctx.encode(tasks[0].train)[:4], 1)
+        batch = collate(mixed, tok.pad_token_id)
+        outputs = moved(**{k: batch[k] for k in ("input_ids", "attention_mask")}, output_hidden_states=True)
+        values[weight] = method.extra_loss(moved, batch, outputs).item()
+        hinge = []
+        for r, item in enumerate(mixed[4:], start=4):
+            j = method.index[tuple(item["input_ids"])]
+            h = outputs.hidden_states[-1][r, :len(item["input_ids"])]
+            hinge.append(margin_loss(h, method.states[j], method.lo, method.hi).flatten())
+        hinge = torch.cat(hinge)
+        nonzero = int((hinge != 0).sum())
+        assert 0 < nonzero < hinge.numel()
+    margin = values[1.0] - values[0.0]
+    assert margin == pytest.approx((hinge.sum() / nonzero).item(), rel=1e-4)
+    assert margin > hinge.mean().item()  # larger than the plain mean migu used before issue 14
 
 
 def test_general_samples_file_is_packaged_and_checked(tmp_path):
@@ -548,23 +608,50 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_quadratic():
     assert two == pytest.approx(hand, rel=1e-4)
 
 
-def test_ewc_fisher_is_the_mean_squared_gradient_accumulated_over_tasks():
+def squared_grads(model, items, tok):
+    """Hand computation: {name: squared gradient} of the answer NLL of `items` as one batch."""
+    answer_nll(model, collate(items, tok.pad_token_id)).backward()
+    out = {n: p.grad.pow(2) for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def test_ewc_fisher_is_the_mean_per_example_squared_gradient_accumulated_over_tasks():
     model, tok = tiny_model("llama", seed=0)
-    method = EWC(EwcOptions(fisher_batches=1, fisher_batch_size=8, gamma=0.5))
+    method = EWC(EwcOptions(fisher_samples=8, gamma=0.5))
     method.setup(model)
     tasks = make_tasks(2)
     items = encode(tok, tasks[0].train, 64)
-    answer_nll(model, collate(items, tok.pad_token_id)).backward()  # batch = all 8 items in sampled order
-    expected = {n: p.grad.pow(2) for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
+    per_example = [squared_grads(model, [item], tok) for item in items]
+    expected = {n: sum(g[n] for g in per_example) / len(items) for n in per_example[0]}
     method.after_task(0, tasks[:1], context(model, tok, tasks))
     for n, f in method.fisher.items():
         torch.testing.assert_close(f, expected[n], rtol=1e-4, atol=1e-12)
     assert all(p.grad is None for p in model.parameters())
+    # not the square of the batch-mean gradient (the rule before issue 14), which is smaller (1.57x here, on a
+    # random model whose per-example gradients agree; about batch-size times near an optimum)
+    batch_mean = squared_grads(model, items, tok)
+    assert sum(f.sum() for f in method.fisher.values()) > 1.3 * sum(f.sum() for f in batch_mean.values())
     first = {n: f.clone() for n, f in method.fisher.items()}
     method.after_task(0, tasks[:1], context(model, tok, tasks))  # same data: F = 0.5 F + F
     for n, f in method.fisher.items():
         torch.testing.assert_close(f, 1.5 * first[n])
+
+
+def test_ewc_fisher_of_identical_examples_equals_the_old_batch_rule_and_samples_without_replacement():
+    model, tok = tiny_model("llama", seed=0)
+    item = encode(tok, make_tasks(1)[0].train[:1], 64)[0]
+    method = EWC(EwcOptions(fisher_samples=3))
+    fisher = method.estimate_fisher(model, [item] * 4, tok.pad_token_id, random.Random(0))
+    old = squared_grads(model, [item] * 4, tok)  # equal per-example gradients: mean of squares = square of mean
+    for n, f in fisher.items():
+        torch.testing.assert_close(f, old[n], rtol=1e-4, atol=1e-12)
+    items = encode(tok, make_tasks(1)[0].train, 64)
+    chosen = random.Random(5).sample(items, 3)
+    expected = [squared_grads(model, [x], tok) for x in chosen]
+    fisher = method.estimate_fisher(model, items, tok.pad_token_id, random.Random(5))
+    for n, f in fisher.items():
+        torch.testing.assert_close(f, sum(g[n] for g in expected) / 3, rtol=1e-4, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------ mtl
