@@ -220,7 +220,8 @@ def _matrix(out: Path) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("extra", [(), ("method.name=seq-lora", "migu.enabled=true", "train.lr=1e-2"),
-                                   ("method.name=replay", "migu.enabled=true", "method.replay.buffer_size=4")],
+                                   ("method.name=replay", "migu.enabled=true", "method.replay.mix=batch",
+                                    "method.replay.buffer_size=4")],
                          ids=["seq-ft", "seq-lora+migu", "replay+migu"])
 def test_pretrain_run_writes_a_perplexity_matrix(tmp_path, tiny_llama_dir, extra):
     paths, out = _corpora(tmp_path / "corpora"), tmp_path / "run"

@@ -12,11 +12,12 @@ Differs from `seq-ft` (Kirkpatrick et al., 2017; the online form of Schwarz et a
 - `extra_loss`: (lam / 2) * sum_i F_i (theta_i - theta*_i)^2 over the trainable parameters.
 Memory: the Fisher and the anchor are one float32 copy of the trainable parameters each.
 
-Scale: migu before issue 14 squared the gradient of a batch-mean loss (batches of 8). Near an
-optimum per-example gradients are nearly uncorrelated, so that was about 1/8 of this per-example
-Fisher, and it also ranked parameters differently (gradients that cancel across examples vanished).
-The default lam = 1.25e5 is the earlier 1e6 divided by that batch size, so the penalty's typical
-pull is unchanged; rescale lam with the model and the number of answer tokens.
+Scale: migu before issue 14 squared the gradient of a batch-mean loss (batches of 8). Measured on
+SmolLM2-135M after 2 steps on dbpedia, 16 items (benchmarks/ewc_fisher_scale.py): sum_i F_i = 2.2e2
+that way, 1.8e3 per example (1.4e-5 per parameter), a ratio of 8.2, about the batch size as expected
+when per-example gradients are nearly uncorrelated; the two share only 66% of their top-1% parameters.
+The default lam = 1.25e5 is the earlier 1e6 divided by 8, so the penalty's overall pull is unchanged;
+rescale lam with the model and the number of answer tokens.
 """
 
 from __future__ import annotations
