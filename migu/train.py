@@ -404,8 +404,8 @@ class _Run:
         if cfg.migu.enabled:
             targets = cfg.migu.target_modules or method.migu_target_modules()
             migu = MIGU(model, threshold=cfg.migu.threshold, target_modules=targets, mode=cfg.migu.mode)
-        items = method.train_items(index, phase_tasks, self._encode([ex for task in phase_tasks for ex in task.train]),
-                                   self.ctx)
+        items = self._encode([ex for task in phase_tasks for ex in task.train])
+        items = method.train_items(index, phase_tasks, items, self.ctx)  # e.g. replay appends stored items
         plans = [_plan_steps(items, cfg.train, seed, epoch) for epoch in range(cfg.train.epochs)]
         n_steps = sum(len(p) for p in plans)
         pad = self.tokenizer.pad_token_id

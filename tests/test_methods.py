@@ -153,7 +153,8 @@ def test_method_options_are_documented_in_help():
     (["method.name=i-lora", "method.i_lora.ema_max=1.5"], "method.i_lora.ema_max=1.5: must be in [0, 1)"),
     (["method.name=gere", "method.gere.general_file=/no/such.jsonl"], "method.gere.general_file=/no/such.jsonl"),
     (["method.name=ewc", "method.ewc.fisher_samples=0"], "method.ewc.fisher_samples=0: must be >= 1"),
-    (["method.name=replay", "method.replay.mix=interleave"], "method.replay.mix=interleave: must be 'append' or 'batch'"),
+    (["method.name=replay", "method.replay.mix=interleave"],
+     "method.replay.mix=interleave: must be 'append' or 'batch'"),
     (["method.name=replay", "method.replay.buffer_size=8"], "method.replay.buffer_size=8: only used with mix=batch"),
     (["method.name=lora-replay", "method.lora_replay.mix=x"], "method.lora_replay.mix=x: must be 'append' or 'batch'"),
     (["method.name=lora-replay", "method.lora_replay.r=0"], "method.lora_replay.r=0: must be >= 1"),
@@ -226,7 +227,8 @@ def test_replay_append_stores_ratio_of_each_task_and_appends_them_to_later_tasks
     assert method.train_items(0, tasks[:1], encoded[0], ctx) == encoded[0]  # nothing stored yet
     method.after_task(0, tasks[:1], ctx)
     assert len(method.stored) == 1 and len(method.stored[0]) == math.ceil(0.05 * 50) == 3
-    assert len({tuple(x["input_ids"]) for x in method.stored[0]}) == 3 and all(x in encoded[0] for x in method.stored[0])
+    assert len({tuple(x["input_ids"]) for x in method.stored[0]}) == 3
+    assert all(x in encoded[0] for x in method.stored[0])
     method.before_task(1, tasks[1:2], ctx)
     assert method.train_items(1, tasks[1:2], encoded[1], ctx) == encoded[1] + method.stored[0]
     assert method.mix_batch(encoded[1][:8], 1) == encoded[1][:8]  # micro-batches are not changed
