@@ -121,7 +121,9 @@ def plan(cfg: RunConfig, flops: float | None = None) -> dict:
     n_src = params["encoder"] if seq2seq else params["decoder"]
     n_tgt = params["decoder"]
     rows, train_flops = [], 0.0
-    from migu.train import phase_epochs, phase_lr
+    from migu.train import check_task_epochs, phase_epochs, phase_lr
+
+    check_task_epochs(t, tasks)
 
     default_lr = t.lr if t.lr is not None else method.default_lr
     max_src = cfg.data.max_length

@@ -188,6 +188,14 @@ def phase_lr(train, default: float, index: int) -> float:
     return default
 
 
+def check_task_epochs(train, tasks: list) -> None:
+    """ConfigError when `train.task_epochs` names a task that is not in the stream (it would silently do nothing)."""
+    names = [t.name for t in tasks]
+    for name in train.task_epochs or {}:
+        if name not in names:
+            raise ConfigError(f"train.task_epochs.{name}: not a task of this stream ({', '.join(names)})")
+
+
 def phase_epochs(train, phase_tasks: list) -> int:
     """Epochs of a phase: the largest `train.task_epochs` entry of its tasks, else `train.epochs`."""
     per_task = train.task_epochs or {}
@@ -312,6 +320,7 @@ class _Run:
         self.tasks = self.scenario.load_tasks()  # bad data fails here, before the run directory is touched
         self.task_names = self.scenario.columns  # the matrix columns (pretrain: the domains + general)
         self.phases = self.method.phases(self.tasks)
+        check_task_epochs(cfg.train, self.tasks)
         self.lr = cfg.train.lr if cfg.train.lr is not None else self.method.default_lr
         self.device = distributed.resolve_device(cfg.train.device)
         problem = distributed.precision_problem(cfg.train.precision, self.device)
