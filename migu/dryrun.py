@@ -25,7 +25,7 @@ import time
 import torch
 
 from migu.config import RunConfig
-from migu.models import EMBEDDED_ALIAS, ModelError, load_config, model_class
+from migu.models import ModelError, load_config, model_class
 
 # Configs of the paper's models, used when the model is not available locally (the machine is offline):
 # the published architecture hyperparameters of the hub checkpoints.
@@ -143,7 +143,8 @@ def plan(cfg: RunConfig, flops: float | None = None) -> dict:
                      "lr": phase_lr(t, default_lr, index), "flops": flops_phase})
     # evaluation: the cells of eval.matrix (+ the untrained row)
     n_phases, n_tasks = len(phases), len(tasks)
-    per_row = {"full": [n_tasks] * n_phases, "diagonal": [min(2, n_tasks - i) for i in range(n_phases - 1)] + [n_tasks],
+    per_row = {"full": [n_tasks] * n_phases,
+               "diagonal": [min(2, n_tasks - i) for i in range(n_phases - 1)] + [n_tasks],
                "last": [0] * (n_phases - 1) + [n_tasks]}[cfg.eval.matrix]
     cells = sum(per_row) + (n_tasks if cfg.eval.untrained else 0)
     eval_task_flops = []
@@ -169,7 +170,8 @@ def plan(cfg: RunConfig, flops: float | None = None) -> dict:
             "global_batch": t.batch_size * t.grad_accum, "eval_matrix": cfg.eval.matrix, "eval_cells": cells,
             "eval_examples": sum(len(task.test) for task in tasks) * cells / max(1, n_tasks),
             "train_flops": train_flops, "eval_flops": eval_flops, "token_source": token_source,
-            "flop_rate": rate, "flop_rate_source": "measured float32 matmul on this machine" if measured else "--flops",
+            "flop_rate": rate, "flop_rate_source": "measured float32 matmul on this machine" if measured
+            else "--flops",
             "wall_time_s": (train_flops + eval_flops) / rate * (2 if cfg.compare_migu else 1)}
 
 
@@ -215,5 +217,4 @@ def format_plan(p: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["plan", "format_plan", "measure_flops", "parameter_counts", "model_config", "KNOWN_CONFIGS",
-           "EMBEDDED_ALIAS"]
+__all__ = ["plan", "format_plan", "measure_flops", "parameter_counts", "model_config", "KNOWN_CONFIGS"]

@@ -151,6 +151,7 @@ class PretrainScenario(Scenario):
         self.domains: list = []
         self.general_docs: list[str] = []
         self.general = Task(name=GENERAL, labels=[], train=[], test=[], category="general")
+        self.prepared = False
 
     def set_model(self, model) -> None:
         super().set_model(model)
@@ -159,7 +160,6 @@ class PretrainScenario(Scenario):
 
             raise ConfigError(f"scenario=pretrain: continual pre-training trains a causal LM on raw text; model "
                               f"{self.cfg.model.name!r} is an encoder-decoder (use scenario: finetune)")
-        self.prepared = False
 
     def load_tasks(self) -> list[Task]:
         p, d = self.cfg.pretrain, self.cfg.data

@@ -182,7 +182,7 @@ def step_loss(model, micro_batches: list[dict], method=None, needs_hidden_states
 
 
 def phase_lr(train, default: float, index: int) -> float:
-    """The learning rate of phase `index`: `train.lr_per_phase[index]` (its last entry for later phases), else `default`."""
+    """The lr of phase `index`: `train.lr_per_phase[index]` (its last entry for later phases), else `default`."""
     if train.lr_per_phase:
         return float(train.lr_per_phase[min(index, len(train.lr_per_phase) - 1)])
     return default

@@ -57,7 +57,8 @@ def test_seq2seq_loss_equals_hf_labels_loss():
     batch = collate(items, tok.pad_token_id)
     assert batch["labels"].shape[1] < batch["input_ids"].shape[1]  # labels have their own width
     loss, _ = step_loss(model, [batch])
-    hf = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"][:, 1:].contiguous())
+    hf = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+               labels=batch["labels"][:, 1:].contiguous())
     assert loss == pytest.approx(float(hf.loss.detach()), rel=1e-6)
     # split into two micro-batches: the same token mean (the step's normalisation)
     loss2, _ = step_loss(model, [collate(items[:2], tok.pad_token_id), collate(items[2:], tok.pad_token_id)])
@@ -118,13 +119,12 @@ def test_rank_matches_hand_scores():
 def test_migu_default_targets_every_linear_of_the_t5_blocks():
     model, _ = tiny_model("t5")
     names = {u.name for u in MIGU(model, threshold=0.5).units}
-    attn = [f"{part}.{k}" for part in ("SelfAttention",) for k in "qkvo"]
     expected = {f"encoder.block.{i}.layer.0.SelfAttention.{k}" for i in range(2) for k in "qkvo"}
     expected |= {f"encoder.block.{i}.layer.1.DenseReluDense.{k}" for i in range(2) for k in ("wi_0", "wi_1", "wo")}
     expected |= {f"decoder.block.{i}.layer.0.SelfAttention.{k}" for i in range(2) for k in "qkvo"}
     expected |= {f"decoder.block.{i}.layer.1.EncDecAttention.{k}" for i in range(2) for k in "qkvo"}
     expected |= {f"decoder.block.{i}.layer.2.DenseReluDense.{k}" for i in range(2) for k in ("wi_0", "wi_1", "wo")}
-    assert attn and names == expected
+    assert names == expected  # no lm_head, embedding or relative-position bias
 
 
 def test_lora_defaults_to_q_and_v_on_t5():
@@ -199,3 +199,11 @@ def test_gere_refuses_an_encoder_decoder_model_with_the_reason(tmp_path, t5_dir,
     with pytest.raises(ModelError, match="gere needs a decoder-only"):
         run(_cfg(t5_dir, stream, tmp_path / "g", "gere", False), quiet=True)
     assert not (tmp_path / "g").exists()
+
+
+def test_pretrain_scenario_refuses_an_encoder_decoder_model(tmp_path, t5_dir):
+    from migu.config import ConfigError, load_config
+
+    cfg = load_config(None, ["scenario=pretrain", f"model.name={t5_dir}", f"output_dir={tmp_path / 'p'}"])
+    with pytest.raises(ConfigError, match="scenario=pretrain: .* is an encoder-decoder"):
+        run(cfg, quiet=True)

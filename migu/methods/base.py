@@ -9,7 +9,7 @@ adds a hook here (with a no-op default) rather than a special case in the loop.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 import torch
