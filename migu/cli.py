@@ -42,6 +42,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing run directory (otherwise an existing one is an error)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="resolve the config and print tasks, steps, evaluation cells, parameters and the "
+                             "estimated FLOPs and wall time, without loading weights or training")
+    parser.add_argument("--flops", type=float, metavar="FLOP_PER_S",
+                        help="with --dry-run: the FLOP rate to estimate the wall time with (e.g. 4e14 for a GPU in "
+                             "bf16); default: a matmul measured on this machine")
 
 
 RUN_EPILOG = """\
@@ -59,6 +65,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from migu.distributed import launched_rank
     from migu.train import format_comparison, format_matrix, run
 
+    if args.dry_run:
+        from migu.dryrun import format_plan, plan
+
+        cfg = load_config(_saved_config(Path(args.resume)) if args.resume else args.config or default_config(),
+                          args.overrides)
+        print(format_plan(plan(cfg, args.flops)))
+        return 0
     if args.resume:
         if args.config or args.overrides or args.overwrite:
             raise ConfigError("--resume continues a run with its saved config.yaml; "

@@ -91,6 +91,8 @@ class DataConfig:
     """Longest token sequence; longer prompts lose tokens from their middle, the answer is always kept."""
     seed: Optional[int] = None
     """Seed of the subsampling; null: the run seed."""
+    max_target_length: int = 50
+    """Encoder-decoder models (T5, BART) only: longest decoder target (label tokens + eos); the encoder's source is cut to data.max_length."""
 
     def validate(self) -> None:
         _check(self.benchmark in ("standard", "long"), "data.benchmark", self.benchmark,
@@ -104,6 +106,7 @@ class DataConfig:
         _check(self.test_per_task >= 0, "data.test_per_task", self.test_per_task, "must be >= 0 (0 = all)")
         _check(self.max_length >= 8, "data.max_length", self.max_length, "must be >= 8")
         _check(self.seed is None or self.seed >= 0, "data.seed", self.seed, "must be >= 0 or null")
+        _check(self.max_target_length >= 2, "data.max_target_length", self.max_target_length, "must be >= 2")
 
 
 @dataclass
@@ -136,6 +139,10 @@ class TrainConfig:
     """Data-parallel engine under torchrun / accelerate launch: `ddp` (the only one supported; `fsdp` and `deepspeed` are refused with the reason, see docs/distributed.md)."""
     dist_timeout_s: float = 1800.0
     """Seconds a process waits for the others in a collective before failing (a dead peer never hangs a run forever); must exceed the longest rank-0-only work, e.g. writing a checkpoint."""
+    task_epochs: Optional[dict[str, int]] = None
+    """Epochs per task name, overriding train.epochs for those tasks (the paper: {WiC: 2} in order 5, {MNLI: 2} in order 6); a phase of several tasks takes the largest."""
+    lr_per_phase: Optional[list[float]] = None
+    """Learning rate of phase i = lr_per_phase[i], its last entry for later phases (O-LoRA's LLaMA scripts: [1e-3, 1e-4]); null: train.lr for every phase."""
 
     def validate(self) -> None:
         _check(self.lr is None or self.lr > 0, "train.lr", self.lr, "must be > 0 or null")
@@ -150,6 +157,11 @@ class TrainConfig:
         _check(self.device in ("auto", "cpu", "cuda"), "train.device", self.device, "must be 'auto', 'cpu' or 'cuda'")
         _check(self.engine in ENGINES, "train.engine", self.engine, "must be 'ddp', 'fsdp' or 'deepspeed'")
         _check(self.dist_timeout_s > 0, "train.dist_timeout_s", self.dist_timeout_s, "must be > 0")
+        for task, n in (self.task_epochs or {}).items():
+            _check(n >= 1, f"train.task_epochs.{task}", n, "must be >= 1")
+        if self.lr_per_phase is not None:
+            _check(len(self.lr_per_phase) > 0 and all(x > 0 for x in self.lr_per_phase), "train.lr_per_phase",
+                   self.lr_per_phase, "must list learning rates > 0 (or be null)")
 
 
 ENGINES = ("ddp", "fsdp", "deepspeed")
@@ -182,11 +194,12 @@ class EvalConfig:
     untrained: bool = True
     """Also evaluate the model before any training (row `untrained`, needed for FWT)."""
     matrix: str = "full"
-    """Cells of R evaluated: `full` (every task after every task) or `diagonal` (after task i only tasks i and i+1, the cells BWT and FWT need, and every task after the last; a 15-task stream evaluates 43 cells instead of 225; forgetting is then not measured)."""
+    """Cells of R evaluated: `full` (every task after every task) or `diagonal` (after task i only tasks i and i+1, the cells BWT and FWT need, and every task after the last; a 15-task stream evaluates 43 cells instead of 225; forgetting is then not measured) or `last` (every task after the last task only, as the paper's reference code: AA only)."""
 
     def validate(self) -> None:
         _check(self.mode in ("generate", "rank"), "eval.mode", self.mode, "must be 'generate' or 'rank'")
-        _check(self.matrix in ("full", "diagonal"), "eval.matrix", self.matrix, "must be 'full' or 'diagonal'")
+        _check(self.matrix in ("full", "diagonal", "last"), "eval.matrix", self.matrix,
+               "must be 'full', 'diagonal' or 'last'")
         _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
         _check(self.max_new_tokens is None or self.max_new_tokens >= 1, "eval.max_new_tokens",
                self.max_new_tokens, "must be >= 1 or null")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from migu.data import IGNORE_INDEX, DataError, Example, Task, collate, encode, encode_prompts, on_model_device
+from migu.seq2seq import is_encoder_decoder
 
 _TRAILING_PUNCT = ".,;:!?"
 
@@ -75,7 +76,9 @@ def evaluate_task(model, tokenizer, task: Task, mode: str = "generate", batch_si
     model.eval()
     try:
         with torch.no_grad():
-            if mode == "generate":
+            if is_encoder_decoder(model):  # T5, BART: prompt → encoder (migu.evaluate_seq2seq)
+                predictions = _seq2seq(model, tokenizer, task, mode, batch_size, max_length, max_new_tokens, on_batch)
+            elif mode == "generate":
                 predictions = _generate(model, tokenizer, task, batch_size, max_length, max_new_tokens, on_batch)
             elif mode == "rank":
                 predictions = _rank(model, tokenizer, task, batch_size, max_length, on_batch)
@@ -86,6 +89,18 @@ def evaluate_task(model, tokenizer, task: Task, mode: str = "generate", batch_si
     correct = sum(is_correct(p, ex.target) for p, ex in zip(predictions, task.test))
     samples = [[p, ex.target] for p, ex in list(zip(predictions, task.test))[:n_samples]]
     return TaskResult(task.name, 100.0 * correct / len(task.test), correct, len(task.test), samples)
+
+
+def _seq2seq(model, tokenizer, task, mode, batch_size, max_length, max_new_tokens, on_batch) -> list[str]:
+    from migu import evaluate_seq2seq
+
+    if mode == "generate":
+        return evaluate_seq2seq.generate(model, tokenizer, task, batch_size, max_length, max_new_tokens, on_batch)
+    if mode == "rank":
+        # the longest label + eos always fits: a label is never cut at evaluation
+        return evaluate_seq2seq.rank(model, tokenizer, task, batch_size, max_length,
+                                     evaluate_seq2seq.max_new_tokens_for(tokenizer, task.labels), on_batch)
+    raise ValueError(f"eval mode must be 'generate' or 'rank', got {mode!r}")
 
 
 def evaluate_tasks(model, tokenizer, tasks: Sequence[Task], **kwargs) -> list[TaskResult]:

@@ -111,8 +111,34 @@ def _resolve(name_or_path: str) -> tuple[str, dict]:
     return name_or_path, {"local_files_only": True}
 
 
+def model_class(config, name: str = "model"):
+    """`AutoModelForSeq2SeqLM` for an encoder-decoder config (T5, Flan-T5, BART), `AutoModelForCausalLM` for a
+    causal LM; ModelError (one line) for any other architecture."""
+    from transformers import (MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING,
+                              AutoModelForCausalLM, AutoModelForSeq2SeqLM)
+
+    if getattr(config, "is_encoder_decoder", False) and type(config) in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING:
+        return AutoModelForSeq2SeqLM
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING and not getattr(config, "is_encoder_decoder", False):
+        return AutoModelForCausalLM
+    raise ModelError(f"model {name!r}: architecture {getattr(config, 'model_type', '?')!r} is neither a causal LM "
+                     "nor an encoder-decoder LM (migu trains AutoModelForCausalLM or AutoModelForSeq2SeqLM models)")
+
+
+def load_config(name_or_path: str):
+    """The model's `transformers` config only (no weights): for `migu run --dry-run`."""
+    from transformers import AutoConfig
+
+    source, kwargs = _resolve(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"cannot load the config of model {name_or_path!r}: {first_line}") from err
+
+
 def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype = torch.float32):
-    """Loads a causal LM and its tokenizer.
+    """Loads a causal or encoder-decoder LM (chosen from its config, see `model_class`) and its tokenizer.
 
     Args:
         name_or_path: ``"smollm2-135m"`` (the embedded model), a local model directory, or a hub id
@@ -126,12 +152,16 @@ def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype = torch.float
     Raises:
         ModelError: the model is missing, not cached, or fails to load.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     source, kwargs = _resolve(name_or_path)
     try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+        auto_class = model_class(config, name_or_path)  # before the tokenizer: an unusable model fails first
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        model = auto_class.from_pretrained(source, dtype=dtype, **kwargs)
+    except ModelError:
+        raise
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"cannot load model {name_or_path!r}: {first_line}") from err
@@ -173,10 +203,12 @@ def tiny_model(arch: str = "llama", seed: int = 0):
     """Returns ``(model, tokenizer)``: a randomly initialised 2-layer model for tests.
 
     Args:
-        arch: ``"llama"`` (Linear projections, tied embeddings like SmolLM2) or ``"gpt2"`` (Conv1D).
+        arch: ``"llama"`` (Linear projections, tied embeddings like SmolLM2), ``"gpt2"`` (Conv1D) or ``"t5"``
+            (encoder-decoder, 2 encoder + 2 decoder blocks, gated FFN wi_0/wi_1/wo like Flan-T5).
         seed: initialisation seed; the same seed gives the same weights. The global RNG is untouched.
     """
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, T5Config,
+                              T5ForConditionalGeneration)
 
     tokenizer = tiny_tokenizer()
     ids = dict(
@@ -192,14 +224,22 @@ def tiny_model(arch: str = "llama", seed: int = 0):
     elif arch == "gpt2":
         config = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=1024, **ids)
         model_cls = GPT2LMHeadModel
+    elif arch == "t5":
+        # T5 starts the decoder with the pad token, as the real T5 checkpoints do
+        config = T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=4,
+                          feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
+                          decoder_start_token_id=tokenizer.pad_token_id, **ids)
+        model_cls = T5ForConditionalGeneration
     else:
-        raise ModelError(f"unknown tiny model arch {arch!r}; expected 'llama' or 'gpt2'")
+        raise ModelError(f"unknown tiny model arch {arch!r}; expected 'llama', 'gpt2' or 't5'")
     # fork_rng: seeding must not change the caller's random stream (tests and runs seed it themselves).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(model.generation_config, key, ids[key])
+    if arch == "t5":
+        model.generation_config.decoder_start_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 

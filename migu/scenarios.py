@@ -68,6 +68,15 @@ class Scenario:
     def columns(self) -> list[str]:
         return [t.name for t in self.eval_sets]
 
+    encoder_decoder: bool = False
+    """The run's model is an encoder-decoder (T5, BART): seq2seq items (migu.data.seq2seq); set by `set_model`."""
+
+    def set_model(self, model) -> None:
+        """Called once the model is loaded (before `prepare`): records whether it is an encoder-decoder."""
+        from migu.seq2seq import is_encoder_decoder
+
+        self.encoder_decoder = is_encoder_decoder(model)
+
     def prepare(self, tokenizer) -> None:
         """Called once the tokenizer is loaded, before any training or evaluation."""
 
@@ -105,6 +114,10 @@ class FinetuneScenario(Scenario):
         return self.tasks
 
     def encode(self, tokenizer, examples):
+        if self.encoder_decoder:
+            from migu.data.seq2seq import encode_seq2seq
+
+            return encode_seq2seq(tokenizer, examples, self.cfg.data.max_length, self.cfg.data.max_target_length)
         return encode(tokenizer, examples, self.cfg.data.max_length)
 
     def evaluate(self, model, tokenizer, task, batch_size, on_batch=None):
@@ -139,6 +152,14 @@ class PretrainScenario(Scenario):
         self.general_docs: list[str] = []
         self.general = Task(name=GENERAL, labels=[], train=[], test=[], category="general")
         self.prepared = False
+
+    def set_model(self, model) -> None:
+        super().set_model(model)
+        if self.encoder_decoder:
+            from migu.config import ConfigError
+
+            raise ConfigError(f"scenario=pretrain: continual pre-training trains a causal LM on raw text; model "
+                              f"{self.cfg.model.name!r} is an encoder-decoder (use scenario: finetune)")
 
     def load_tasks(self) -> list[Task]:
         p, d = self.cfg.pretrain, self.cfg.data

@@ -46,6 +46,8 @@ from migu.models import load_model_and_tokenizer
 from migu.rundir import RunDir, RunDirError
 from migu.scenarios import absolute_paths as _scenario_paths
 from migu.scenarios import format_perplexity_comparison, format_perplexity_matrix, get_scenario, matrix_table
+from migu.seq2seq import is_encoder_decoder
+from migu.seq2seq import nll_sum as seq2seq_nll
 
 __all__ = ["run", "load_tasks", "step_loss", "seed_everything", "phase_seed"]
 
@@ -148,18 +150,22 @@ def step_loss(model, micro_batches: list[dict], method=None, needs_hidden_states
     if total == 0:
         raise ValueError("an optimizer step has no answer tokens (every label is -100)")
     forward = runner.forward_model if runner is not None else model
+    seq2seq = is_encoder_decoder(model)
     nll_sum, extra_sum = 0.0, 0.0
     for i, batch in enumerate(micro_batches):
         with runner.micro_batch(last=i == len(micro_batches) - 1) if runner else contextlib.nullcontext():
             with runner.autocast() if runner else contextlib.nullcontext():
                 target = batch["labels"][:, 1:]
-                keep = (target != IGNORE_INDEX).any(0).nonzero().squeeze(1)
-                kwargs = {"output_hidden_states": True} if needs_hidden_states else {}
-                outputs = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  use_cache=False, logits_to_keep=keep, **kwargs)
-                logits = outputs.logits
-                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target[:, keep].reshape(-1),
-                                      ignore_index=IGNORE_INDEX, reduction="sum")
+                if seq2seq:  # encoder-decoder: the decoder's tokens (migu.seq2seq)
+                    outputs, nll = seq2seq_nll(model, batch, needs_hidden_states, call=forward)
+                else:
+                    keep = (target != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+                    kwargs = {"output_hidden_states": True} if needs_hidden_states else {}
+                    outputs = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                      use_cache=False, logits_to_keep=keep, **kwargs)
+                    logits = outputs.logits
+                    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                          target[:, keep].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
                 loss = nll / total
                 extra = method.extra_loss(model, batch, outputs) if method is not None else None
                 if extra is not None:
@@ -173,6 +179,27 @@ def step_loss(model, micro_batches: list[dict], method=None, needs_hidden_states
                 loss.backward()
         nll_sum += float(nll.detach())
     return nll_sum / total, extra_sum
+
+
+def phase_lr(train, default: float, index: int) -> float:
+    """The lr of phase `index`: `train.lr_per_phase[index]` (its last entry for later phases), else `default`."""
+    if train.lr_per_phase:
+        return float(train.lr_per_phase[min(index, len(train.lr_per_phase) - 1)])
+    return default
+
+
+def check_task_epochs(train, tasks: list) -> None:
+    """ConfigError when `train.task_epochs` names a task that is not in the stream (it would silently do nothing)."""
+    names = [t.name for t in tasks]
+    for name in train.task_epochs or {}:
+        if name not in names:
+            raise ConfigError(f"train.task_epochs.{name}: not a task of this stream ({', '.join(names)})")
+
+
+def phase_epochs(train, phase_tasks: list) -> int:
+    """Epochs of a phase: the largest `train.task_epochs` entry of its tasks, else `train.epochs`."""
+    per_task = train.task_epochs or {}
+    return max((per_task.get(t.name, train.epochs) for t in phase_tasks), default=train.epochs)
 
 
 def _answer_tokens(item: dict) -> int:
@@ -293,6 +320,7 @@ class _Run:
         self.tasks = self.scenario.load_tasks()  # bad data fails here, before the run directory is touched
         self.task_names = self.scenario.columns  # the matrix columns (pretrain: the domains + general)
         self.phases = self.method.phases(self.tasks)
+        check_task_epochs(cfg.train, self.tasks)
         self.lr = cfg.train.lr if cfg.train.lr is not None else self.method.default_lr
         self.device = distributed.resolve_device(cfg.train.device)
         problem = distributed.precision_problem(cfg.train.precision, self.device)
@@ -304,6 +332,7 @@ class _Run:
         else:
             model, self.tokenizer = load_model_and_tokenizer(cfg.model.name)
         seed_everything(cfg.seed)  # after loading: the method's setup (e.g. LoRA init) starts from the seed
+        self.scenario.set_model(model)  # an encoder-decoder model: seq2seq encoding (migu.data.seq2seq)
         self.scenario.prepare(self.tokenizer)  # pretrain: pack the domains into blocks
         self.base_ids = {id(p) for p in model.parameters()}
         self.model = self.method.setup(model)
@@ -399,14 +428,14 @@ class _Run:
         seed_everything(seed)
         method.before_task(index, phase_tasks, self.ctx)
         params = method.trainable_parameters(model)
-        optimizer = _adamw(params, self.lr, cfg.train.weight_decay)
+        optimizer = _adamw(params, phase_lr(cfg.train, self.lr, index), cfg.train.weight_decay)
         migu = None
         if cfg.migu.enabled:
             targets = cfg.migu.target_modules or method.migu_target_modules()
             migu = MIGU(model, threshold=cfg.migu.threshold, target_modules=targets, mode=cfg.migu.mode)
         items = self._encode([ex for task in phase_tasks for ex in task.train])
         items = method.train_items(index, phase_tasks, items, self.ctx)  # e.g. replay appends stored items
-        plans = [_plan_steps(items, cfg.train, seed, epoch) for epoch in range(cfg.train.epochs)]
+        plans = [_plan_steps(items, cfg.train, seed, epoch) for epoch in range(phase_epochs(cfg.train, phase_tasks))]
         n_steps = sum(len(p) for p in plans)
         pad = self.tokenizer.pad_token_id
         model.train()
@@ -465,6 +494,8 @@ class _Run:
         every = set(range(len(self.scenario.eval_sets)))
         if self.cfg.eval.matrix == "full" or stage < 0 or stage == len(self.phases) - 1:
             return every
+        if self.cfg.eval.matrix == "last":
+            return set()  # the paper's protocol: only the final row (AA)
         return {stage, stage + 1} & every  # R[i][i] for BWT, R[i][i+1] for FWT
 
     def _evaluate(self, stage: int, after: str) -> list[Optional[float]]:

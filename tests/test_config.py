@@ -39,7 +39,7 @@ def test_precedence_defaults_yaml_set(tmp_path):
     (["train.batch_size=0"], "train.batch_size=0: must be >= 1"),
     (["migu.mode=rows"], "migu.mode=rows: must be 'grad' or 'update'"),
     (["eval.mode=fast"], "eval.mode=fast: must be 'generate' or 'rank'"),
-    (["eval.matrix=lower"], "eval.matrix=lower: must be 'full' or 'diagonal'"),
+    (["eval.matrix=lower"], "eval.matrix=lower: must be 'full', 'diagonal' or 'last'"),
     (["eval.matrix=diagonal", "scenario=pretrain"], "eval.matrix=diagonal: 'diagonal' needs scenario 'finetune'"),
     (["migu.enabled=maybe"], "migu.enabled: Value 'maybe' is not a valid bool"),
     (["data.tasks=[a,a]"], "data.tasks=[a, a]: names a task twice"),

@@ -112,16 +112,20 @@ def collate(items: Sequence[dict], pad_token_id: int, padding_side: str = "right
         raise ValueError("collate needs at least one item")
     width = max(len(item["input_ids"]) for item in items)
     with_labels = all("labels" in item for item in items)
+    # labels get their own width: an encoder-decoder item's decoder labels are shorter than its source
+    label_width = max(len(item["labels"]) for item in items) if with_labels else 0
     input_ids = torch.full((len(items), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(items), width), dtype=torch.long)
-    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    labels = torch.full((len(items), label_width), IGNORE_INDEX, dtype=torch.long)
     for row, item in enumerate(items):
         n = len(item["input_ids"])
         cols = slice(0, n) if padding_side == "right" else slice(width - n, width)
         input_ids[row, cols] = torch.tensor(item["input_ids"], dtype=torch.long)
         attention_mask[row, cols] = 1
         if with_labels:
-            labels[row, cols] = torch.tensor(item["labels"], dtype=torch.long)
+            m = len(item["labels"])
+            label_cols = slice(0, m) if padding_side == "right" else slice(label_width - m, label_width)
+            labels[row, label_cols] = torch.tensor(item["labels"], dtype=torch.long)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     if with_labels:
         batch["labels"] = labels

@@ -9,7 +9,7 @@ adds a hook here (with a no-op default) rather than a special case in the loop.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -31,8 +31,8 @@ class LoraOptions:
     """LoRA scaling numerator (the update is scaled by alpha / r)."""
     dropout: float = 0.1
     """Dropout on the LoRA path during training."""
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    """Module names that get an adapter, PEFT style (`q_proj` matches every `*.q_proj`)."""
+    target_modules: Optional[list[str]] = None
+    """Module names that get an adapter, PEFT style (`q_proj` matches every `*.q_proj`); null: PEFT's default for the architecture (`q_proj, v_proj` for Llama/SmolLM2/BART, `q, v` for T5)."""
 
     def validate(self, key: str) -> None:
         """Raise `ValueError` naming `key.<field>` for an invalid value."""
@@ -40,8 +40,26 @@ class LoraOptions:
             raise ValueError(f"{key}.r={self.r}: must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"{key}.dropout={self.dropout}: must be in [0, 1)")
-        if not self.target_modules:
-            raise ValueError(f"{key}.target_modules: must name at least one module")
+        if self.target_modules is not None and not self.target_modules:
+            raise ValueError(f"{key}.target_modules: must name at least one module (or be null)")
+
+    def lora_config(self, model: nn.Module):
+        """PEFT's LoraConfig of these options for `model` (its task type: causal or encoder-decoder LM)."""
+        from peft import LoraConfig
+
+        from migu.seq2seq import is_encoder_decoder
+
+        task_type = "SEQ_2_SEQ_LM" if is_encoder_decoder(model) else "CAUSAL_LM"
+        targets = list(self.target_modules) if self.target_modules else None  # None: PEFT's per-model default
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets,
+                          task_type=task_type)
+
+
+def adapted_modules(peft_model: nn.Module) -> list[str]:
+    """The module names PEFT adapted (its resolved `target_modules`), for MIGU's targeting."""
+    config = peft_model.peft_config[next(iter(peft_model.peft_config))]
+    targets = config.target_modules
+    return [targets] if isinstance(targets, str) else sorted(targets)
 
 
 @dataclass

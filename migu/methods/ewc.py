@@ -30,6 +30,8 @@ import torch.nn.functional as F
 
 from migu.data import IGNORE_INDEX, collate, on_model_device
 from migu.methods.seq_ft import SeqFT
+from migu.seq2seq import is_encoder_decoder
+from migu.seq2seq import nll_sum as seq2seq_nll
 
 
 @dataclass
@@ -55,6 +57,8 @@ class EwcOptions:
 
 def answer_nll(model, batch: dict) -> torch.Tensor:
     """Token-mean NLL of the answer tokens of a collated batch (the training loss)."""
+    if is_encoder_decoder(model):  # the decoder's tokens (migu.seq2seq)
+        return seq2seq_nll(model, batch)[1] / (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch["labels"][:, 1:].reshape(-1),
                            ignore_index=IGNORE_INDEX)

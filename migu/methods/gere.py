@@ -119,6 +119,16 @@ class GeRe(SeqFT):
         self.states: list[torch.Tensor] = []  # int8 [tokens, hidden] per sample
         self.rng = random.Random(0)
 
+    def setup(self, model):
+        from migu.models import ModelError
+        from migu.seq2seq import is_encoder_decoder
+
+        if is_encoder_decoder(model):
+            raise ModelError("method gere needs a decoder-only (causal) model: it replays general texts with a "
+                             "plain LM loss and bands the hidden states of their tokens, which an encoder-decoder "
+                             "model (T5, BART) has no counterpart for; use replay or i-lora")
+        return super().setup(model)
+
     def _encode(self, tokenizer) -> None:
         path = self.options.general_file or DEFAULT_GENERAL_FILE
         self.items = []

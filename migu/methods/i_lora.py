@@ -13,7 +13,8 @@ Parameter Efficient Tuning"; reference code which47/LLMCL) in:
 - `extra_loss`: on the replayed rows of a micro-batch, consistency_weight x the mean over transformer
   layers of MSE(h_fast, max(h_fast, h_slow)) on the non-padding tokens' hidden states, h_slow from a
   no-grad, dropout-free forward pass through the slow adapter (the embedding output, which no adapter
-  changes, is left out);
+  changes, is left out); on an encoder-decoder model (T5) the layers are the encoder's (source tokens)
+  and the decoder's (target tokens);
 - `eval_context`: evaluation runs with the slow adapter.
 """
 
@@ -30,6 +31,7 @@ from migu.methods.base import LoraOptions
 from migu.methods.inc_lora import lora_layers
 from migu.methods.replay import BufferOptions, Reservoir, replay_count
 from migu.methods.seq_lora import SeqLoRA
+from migu.seq2seq import hidden_forward, layer_states
 
 
 @dataclass
@@ -82,11 +84,9 @@ class ILoRA(SeqLoRA):
         self.rng, self.fill_rng = random.Random(0), random.Random(0)
 
     def setup(self, model):
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        o = self.options
-        config = LoraConfig(r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout,
-                            target_modules=list(o.target_modules), task_type="CAUSAL_LM")
+        config = self.options.lora_config(model)
         self.model = get_peft_model(model, config, adapter_name="fast")
         self.model.add_adapter("slow", config)
         self.model.base_model.set_adapter("fast")  # fast active and trainable, slow inactive and frozen
@@ -147,17 +147,17 @@ class ILoRA(SeqLoRA):
         rows = self.replayed_rows(batch)
         if not rows:
             return None
-        ids, mask = batch["input_ids"][rows], batch["attention_mask"][rows]
+        sub = {key: value[rows] for key, value in batch.items()}
         was_training = model.training
         with torch.no_grad(), active_adapter(model, "slow"):
             model.eval()
-            slow = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False,
-                         logits_to_keep=1).hidden_states
+            slow = layer_states(model, hidden_forward(model, sub), sub)
             model.train(was_training)
-        weight = mask.unsqueeze(-1).to(slow[-1].dtype)
         losses = []
-        for h_fast, h_slow in zip(outputs.hidden_states[1:], slow[1:]):
+        # causal: every layer's output; encoder-decoder: the encoder's then the decoder's (migu.seq2seq)
+        for (h_fast, mask), (h_slow, _) in zip(layer_states(model, outputs, batch), slow):
             h_fast = h_fast[rows]
+            weight = mask[rows].unsqueeze(-1).to(h_slow.dtype)
             target = torch.maximum(h_fast.detach(), h_slow)
             losses.append(((h_fast - target).pow(2) * weight).sum() / (weight.sum() * h_fast.shape[-1]))
         return self.options.consistency_weight * torch.stack(losses).mean()

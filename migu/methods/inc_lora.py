@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from migu.methods.base import LoraOptions, Method
+from migu.methods.base import LoraOptions, Method, adapted_modules
 
 
 def lora_layers(model):
@@ -38,21 +38,17 @@ class IncLoRA(Method):
         return f"t{index}"
 
     def _config(self):
-        from peft import LoraConfig
-
-        o = self.options
-        return LoraConfig(r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout, target_modules=list(o.target_modules),
-                          task_type="CAUSAL_LM")
+        return self.options.lora_config(self.model)
 
     def setup(self, model):
         from peft import get_peft_model
 
-        self.model = get_peft_model(model, self._config(), adapter_name=self.adapter(0))
+        self.model = get_peft_model(model, self.options.lora_config(model), adapter_name=self.adapter(0))
         self.n_adapters = 1
         return self.model
 
     def migu_target_modules(self):
-        return list(self.options.target_modules)  # frozen adapters have no trainable rows: MIGU skips them
+        return adapted_modules(self.model)  # frozen adapters have no trainable rows: MIGU skips them
 
     def _ensure_adapters(self, n: int) -> None:
         """Create adapters up to t<n-1>, make all of them active and only the newest trainable."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from migu.methods.base import LoraOptions, Method
+from migu.methods.base import LoraOptions, Method, adapted_modules
 
 
 class SeqLoRA(Method):
@@ -13,12 +13,10 @@ class SeqLoRA(Method):
     default_lr = 1e-4
 
     def setup(self, model):
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        o = self.options
-        config = LoraConfig(r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout,
-                            target_modules=list(o.target_modules), task_type="CAUSAL_LM")
-        return get_peft_model(model, config)
+        self.model = get_peft_model(model, self.options.lora_config(model))
+        return self.model
 
     def migu_target_modules(self):
-        return list(self.options.target_modules)  # MIGU ranks the LoRA A/B rows of the adapted layers
+        return adapted_modules(self.model)  # MIGU ranks the LoRA A/B rows of the adapted layers

@@ -88,6 +88,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if len(result["groups"]) < len(result["records"]):
         print("\nruns:")
         print(text_table(result["records"], result.get("run_columns", RUN_COLUMNS)))
+    from migu.report.paper import paper_lines
+
+    beside = paper_lines(runs)
+    if beside:  # runs of the paper's setting: its published AA (migu/assets/paper_results.csv)
+        print("\nthe paper's AA (MIGU, Table 1):")
+        print("\n".join(beside))
     print(f"\nwrote {', '.join(str(f) for f in result['files'])}")
     return 0
 
