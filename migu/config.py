@@ -217,12 +217,23 @@ class MiguConfig:
     """`grad`: zero gradient rows (the paper); `update`: also keep masked rows exactly unchanged under AdamW."""
     target_modules: Optional[list[str]] = None
     """Module-name patterns MIGU ranks (PEFT style); null: the method's choice (seq-ft: every block linear, seq-lora: the adapted layers)."""
+    first_task: str = "skip"
+    """`skip`: the first phase trains without MIGU, exactly like the run without it (the reference code's `--is_first_task True`); `mask`: every phase is masked. A single-phase run (mtl) with `skip` never masks."""
+    include_lm_head: bool = False
+    """Also rank the LM head's rows (vocabulary entries) by mean |logit| over the counted positions whose logits are computed (those that predict an answer token); a tied input embedding shares those rows. A frozen head (LoRA methods) is left alone."""
+    lora_b: str = "layer"
+    """LoRA B rows ranked by `layer`: the whole layer output, base + LoRA (the paper's text); `own`: B's own output (the reference code; every row kept while it is all zero, e.g. B initialised to zero)."""
+    tokens: str = "all"
+    """Tokens the magnitudes average over: `all` real (non-padding) tokens, prompt included; `answer`: only positions that predict an answer token."""
 
     def validate(self) -> None:
         _check(0.0 <= self.threshold < 1.0, "migu.threshold", self.threshold, "must be in [0, 1)")
         _check(self.mode in ("grad", "update"), "migu.mode", self.mode, "must be 'grad' or 'update'")
         _check(self.target_modules is None or len(self.target_modules) > 0, "migu.target_modules",
                self.target_modules, "must name at least one module (or be null)")
+        _check(self.first_task in ("skip", "mask"), "migu.first_task", self.first_task, "must be 'skip' or 'mask'")
+        _check(self.lora_b in ("layer", "own"), "migu.lora_b", self.lora_b, "must be 'layer' or 'own'")
+        _check(self.tokens in ("all", "answer"), "migu.tokens", self.tokens, "must be 'all' or 'answer'")
 
 
 @dataclass

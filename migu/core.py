@@ -6,8 +6,12 @@ optimizer step, :meth:`MIGU.mask_gradients` L1-normalises the mean magnitudes pe
 among the top ``ceil((1 - T) * d_out)`` and zeroes the gradient rows (weight row j, bias j) of the others.
 
 LoRA (PEFT ``LoraLayer``): rows of ``lora_A`` are ranked by the magnitudes of the A-path output (r units);
-rows of ``lora_B`` by the magnitudes of the whole layer output (base + scaled LoRA). Frozen parameters
-are never targeted.
+rows of ``lora_B`` by the magnitudes of the whole layer output (base + scaled LoRA, ``lora_b="layer"``, the
+paper's text) or of B's own output (``lora_b="own"``, the reference code). Frozen parameters are never
+targeted. ``include_lm_head=True`` adds the LM head (rows = vocabulary entries).
+
+Ranking and masking run on the statistics' device without a host synchronisation in ``"grad"`` mode
+(one sort per group of equally sized layers), so a GPU is never stalled per layer.
 
 This module imports only torch: it knows modules, hooks and gradients, never tasks, configs or loops.
 """
@@ -25,14 +29,23 @@ from torch import nn
 __all__ = ["MIGU", "keep_count", "check_options"]
 
 _MODES = ("grad", "update")
+LORA_B_RULES = ("layer", "own")
 
 
-def check_options(threshold, mode: str) -> None:
-    """Raise ``ValueError`` naming the offending value if ``threshold`` or ``mode`` is invalid."""
+def check_options(threshold, mode: str, lora_b: str = "layer") -> None:
+    """Raise ``ValueError`` naming the offending value if ``threshold``, ``mode`` or ``lora_b`` is invalid."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold < 1.0:
         raise ValueError(f"MIGU threshold must be a number in [0, 1), got {threshold!r}")
     if mode not in _MODES:
         raise ValueError(f"MIGU mode must be one of {_MODES}, got {mode!r}")
+    if lora_b not in LORA_B_RULES:
+        raise ValueError(f"MIGU lora_b must be one of {LORA_B_RULES}, got {lora_b!r}")
+
+
+def _in_backward() -> bool:
+    # True while the autograd engine runs a backward pass (gradient checkpointing recomputes forwards there)
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
 
 
 def keep_count(threshold: float, d_out: int) -> int:
@@ -55,6 +68,8 @@ class _Unit:
     sum: torch.Tensor  # float32 [size]: sum of |y_j| over counted tokens
     count: torch.Tensor  # float64 scalar on the same device: number of counted tokens
     frozen: list = field(default_factory=list)  # "update" mode: (param, dim, index, saved rows)
+    kept_positions: bool = False  # the LM head: its output covers only the positions whose logits are kept
+    counted_in: int = -1  # the model forward whose output this unit last counted (checkpoint recomputation)
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -112,12 +127,31 @@ class MIGU:
             :meth:`reset` (or right after ``optimizer.step()`` when ``optimizer`` is given).
         optimizer: optional; in ``"update"`` mode the frozen rows are restored by a step post-hook.
         sync: all-reduce statistics across ranks when ``torch.distributed`` is initialised (default True).
+        include_lm_head: also rank the LM head (``model.get_output_embeddings()``, else the module named
+            ``lm_head``): its rows (vocabulary entries) by the mean |logit| over the counted positions. A
+            tied input embedding is the same tensor, so masking the head's gradient rows masks the
+            embedding's rows of those tokens too (the gradient of the shared tensor holds both). A frozen
+            head (LoRA) has nothing to mask and is skipped; a model without a head is an error.
+        lora_b: ``"layer"`` ranks ``lora_B``'s rows by the whole layer output (base + scaled LoRA path, the
+            paper's text); ``"own"`` by B's own output ``B·A·x`` (the reference code), so every row is kept
+            while that output is all zero (B initialised to zero: the first step of a fresh adapter).
 
     Padding: each targeted module learns the token mask from the ``attention_mask`` keyword argument of
     the model's forward call (a forward pre-hook on ``model``), or from :meth:`set_token_mask`. Without a
     mask, or when a module's output does not have the mask's [batch, length] leading shape, all positions
     count. Statistics are only accumulated while autograd is enabled (evaluation under ``no_grad`` is
-    ignored) unless inside :meth:`observe`.
+    ignored, and such a pass does not replace the captured mask) unless inside :meth:`observe`.
+
+    LM head positions: HF models compute logits only at the positions selected by the forward's
+    ``logits_to_keep`` keyword (an int k: the last k positions, 0 = all; a 1-D index tensor: those
+    positions), so the head's counted positions are the kept positions, with the token mask (attention
+    mask or :meth:`set_token_mask`) sliced to them: a kept position counts when its token is real (resp.
+    selected by the token mask).
+
+    Gradient checkpointing: a forward recomputed during backward is not counted again when its first pass
+    was counted (non-reentrant checkpointing), so statistics equal those without checkpointing; with
+    reentrant checkpointing (first pass under ``no_grad``) the recomputation is what counts, with the
+    mask captured by the micro-batch's model forward.
 
     Example:
         >>> migu = MIGU(model, threshold=0.7)
@@ -125,8 +159,9 @@ class MIGU:
     """
 
     def __init__(self, model: nn.Module, threshold: float = 0.7, target_modules=None, mode: str = "grad",
-                 optimizer: torch.optim.Optimizer | None = None, sync: bool = True):
-        check_options(threshold, mode)
+                 optimizer: torch.optim.Optimizer | None = None, sync: bool = True, include_lm_head: bool = False,
+                 lora_b: str = "layer"):
+        check_options(threshold, mode, lora_b)
         engine = _unsupported_wrapper(model)
         if engine is not None:
             # ZeRO / FSDP reduce gradients into their own sharded flat buffers during backward: masking the
@@ -137,12 +172,17 @@ class MIGU:
         self.threshold = float(threshold)
         self.mode = mode
         self.sync = sync
+        self.include_lm_head = bool(include_lm_head)
+        self.lora_b = lora_b
         self.enabled = True
         self._explicit_mask: torch.Tensor | None = None
         self._auto_mask: torch.Tensor | None = None
+        self._logits_to_keep = None
+        self._forward_id = 0
         self._force_observe = False
         self._last_masks: dict[str, torch.Tensor] = {}
-        self.units = self._find_units(model, target_modules)
+        self.units = self._find_units(model, target_modules, lora_b)
+        self._add_head(model, lora_b)
         if not self.units:
             raise ValueError(
                 f"MIGU found no trainable nn.Linear / Conv1D / LoRA layer to target in {type(model).__name__}"
@@ -156,7 +196,7 @@ class MIGU:
 
     # ----------------------------------------------------------------------------------- targeting
     @staticmethod
-    def _find_units(model: nn.Module, target_modules) -> list[_Unit]:
+    def _find_units(model: nn.Module, target_modules, lora_b: str = "layer") -> list[_Unit]:
         lora_children = set()
         candidates: list[tuple[str, nn.Module]] = []
         for name, module in model.named_modules():
@@ -187,11 +227,41 @@ class MIGU:
                 chosen = [(n, m) for n, m in candidates if any(_pattern_matches(p, n) for p in patterns)]
         units = []
         for name, module in chosen:
-            units += MIGU._units_for(name, module)
+            units += MIGU._units_for(name, module, lora_b)
         return units
 
     @staticmethod
-    def _units_for(name: str, module: nn.Module) -> list[_Unit]:
+    def _output_head(model: nn.Module) -> tuple[str, nn.Module] | None:
+        """(name, module) of the LM head: ``get_output_embeddings()``, else a module named ``lm_head``."""
+        get = getattr(model, "get_output_embeddings", None)
+        head = get() if callable(get) else None
+        for name, module in model.named_modules():
+            if (module is head) if head is not None else (name == "lm_head" or name.endswith(".lm_head")):
+                return name, module
+        return None
+
+    def _add_head(self, model: nn.Module, lora_b: str) -> None:
+        """Mark the LM head's units (counted over the kept logit positions); add them if include_lm_head."""
+        found = self._output_head(model)
+        if found is None:
+            if self.include_lm_head:
+                raise ValueError(f"MIGU include_lm_head: {type(model).__name__} has no LM head "
+                                 "(get_output_embeddings() or a module named lm_head)")
+            return
+        name, head = found
+        inside = [u for u in self.units if u.name == name or u.name.startswith(name + ".")]
+        if self.include_lm_head and not inside:
+            if not (_is_lora_layer(head) or isinstance(head, nn.Linear) or _is_conv1d(head)):
+                raise ValueError(f"MIGU include_lm_head: the LM head {name} is a {type(head).__name__}, "
+                                 "not a linear layer")
+            # a frozen head (LoRA runs) has no trainable rows: nothing to add
+            inside = self._units_for(name, head, lora_b) if _is_lora_layer(head) or head.weight.requires_grad else []
+            self.units += inside
+        for unit in inside:
+            unit.kept_positions = True
+
+    @staticmethod
+    def _units_for(name: str, module: nn.Module, rule: str = "layer") -> list[_Unit]:
         def rows(*pairs):
             return [(p, d) for p, d in pairs if p is not None and p.requires_grad]
 
@@ -213,14 +283,30 @@ class MIGU:
             b_params = rows((lora_b.weight, 0), (lora_b.bias, 0))
             if a_params:  # ranked by x·Aᵀ, the A-path output (r units)
                 units.append(new(f"{name}.lora_A.{adapter}", lora_a, a_params, lora_a.out_features, lora_a.weight))
-            if b_params:  # ranked by the full layer output: base + scaled LoRA path
-                units.append(new(f"{name}.lora_B.{adapter}", module, b_params, lora_b.out_features, lora_b.weight))
+            if b_params:  # "layer": ranked by the full layer output (base + scaled LoRA path); "own": by B·A·x
+                hooked = lora_b if rule == "own" else module
+                units.append(new(f"{name}.lora_B.{adapter}", hooked, b_params, lora_b.out_features, lora_b.weight))
         return units
 
     # ----------------------------------------------------------------------------------- statistics
     def _capture_mask(self, module, args, kwargs):
+        if not (torch.is_grad_enabled() or self._force_observe):
+            return  # an evaluation or teacher pass (I-LoRA's slow adapter) must not replace the training mask
         mask = kwargs.get("attention_mask")
         self._auto_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self._logits_to_keep = kwargs.get("logits_to_keep")
+        self._forward_id += 1
+
+    def _kept(self, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """``mask`` [batch, length] sliced to the positions whose logits the forward keeps (HF semantics)."""
+        keep = self._logits_to_keep
+        if mask is None or keep is None:
+            return mask
+        if isinstance(keep, int) and not isinstance(keep, bool):
+            return mask if keep == 0 else mask[:, -keep:]
+        if isinstance(keep, torch.Tensor) and keep.dim() == 1:
+            return mask[:, keep.to(mask.device)]
+        return mask
 
     def set_token_mask(self, mask: torch.Tensor | None) -> None:
         """Use ``mask`` ([batch, length], nonzero = real token) for the following forward passes; None clears."""
@@ -239,10 +325,15 @@ class MIGU:
         def hook(module, inputs, output):
             if not self.enabled or not (torch.is_grad_enabled() or self._force_observe):
                 return
+            if _in_backward() and unit.counted_in == self._forward_id:
+                return  # gradient checkpointing recomputes a forward this unit already counted
+            unit.counted_in = self._forward_id
             y = output[0] if isinstance(output, (tuple, list)) else output
             y = y.detach()
             flat = y.abs().reshape(-1, y.shape[-1])
             mask = self._explicit_mask if self._explicit_mask is not None else self._auto_mask
+            if unit.kept_positions:
+                mask = self._kept(mask)
             if mask is not None and tuple(mask.shape) == tuple(y.shape[:-1]):
                 weights = mask.reshape(-1).to(device=y.device, dtype=torch.float32)
                 unit.sum += weights @ flat.float()  # one matvec: no Python loop, no kept activations
@@ -264,31 +355,38 @@ class MIGU:
             sizes = [u.size for u in self.units]
             parts = list(torch.split(flat[: sum(sizes)], sizes))
             sums = [p.float() for p in parts]
-            counts = list(flat[sum(sizes):].cpu())
+            counts = list(flat[sum(sizes):])  # stays on the device: no host transfer
         return list(zip(sums, counts))
 
     def magnitudes(self) -> dict[str, torch.Tensor]:
         """{unit name: L1-normalised mean |output| per unit (float32)} of the current accumulation."""
         out = {}
         for unit, (total, count) in zip(self.units, self._synced_sums()):
-            mean = total / max(float(count), 1.0)
+            # a device-side division (token counts < 2**24 are exact in float32): no host sync per layer
+            mean = total / count.to(device=total.device, dtype=torch.float32).clamp_min(1.0)
             out[unit.name] = (mean / mean.sum().clamp_min(torch.finfo(torch.float32).tiny)).float()
         return out
 
     def _rank(self, magnitudes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        masks = {}
+        # one stable sort per group of equally sized units, on their device: no per-layer host sync
+        groups: dict[tuple, list[_Unit]] = {}
         for unit in self.units:
-            m = magnitudes[unit.name]
-            k = keep_count(self.threshold, unit.size)
-            if k >= unit.size or not bool(m.any()):  # nothing measured: no basis to drop rows
-                masks[unit.name] = torch.ones(unit.size, dtype=torch.bool, device=m.device)
+            groups.setdefault((unit.size, magnitudes[unit.name].device), []).append(unit)
+        masks = {}
+        for (size, device), units in groups.items():
+            k = keep_count(self.threshold, size)
+            if k >= size:
+                for unit in units:
+                    masks[unit.name] = torch.ones(size, dtype=torch.bool, device=device)
                 continue
-            # stable sort: equal magnitudes keep the lower index first, on every rank and every run
-            order = torch.sort(m.cpu(), descending=True, stable=True).indices[:k]
-            mask = torch.zeros(unit.size, dtype=torch.bool)
-            mask[order] = True
-            masks[unit.name] = mask.to(m.device)
-        return masks
+            stacked = torch.stack([magnitudes[u.name] for u in units])  # [units, size]
+            # stable: equal magnitudes keep the lower index first, on every rank and every run
+            order = torch.sort(stacked, dim=1, descending=True, stable=True).indices[:, :k]
+            kept = torch.zeros_like(stacked, dtype=torch.bool).scatter_(1, order, True)
+            kept |= ~stacked.any(1, keepdim=True)  # nothing measured (all zero): no basis to drop rows
+            for unit, row in zip(units, kept):
+                masks[unit.name] = row
+        return {unit.name: masks[unit.name] for unit in self.units}
 
     def masks(self) -> dict[str, torch.Tensor]:
         """{unit name: bool mask, True = gradient row kept}: of the current statistics, or the last used."""
@@ -309,9 +407,9 @@ class MIGU:
         with torch.no_grad():
             for unit in self.units:
                 mask = masks[unit.name]
-                if bool(mask.all()):
-                    continue
-                drop = (~mask).nonzero().squeeze(1)
+                if keep_count(self.threshold, unit.size) >= unit.size:
+                    continue  # every row kept (known without looking at the mask: no host sync)
+                drop = (~mask).nonzero().squeeze(1) if self.mode == "update" else None
                 for param, dim in unit.params:
                     shape = [1] * param.dim()
                     shape[dim] = -1
@@ -348,4 +446,5 @@ class MIGU:
         self._handles.clear()
 
     def __repr__(self) -> str:
-        return f"MIGU(threshold={self.threshold}, mode={self.mode!r}, units={len(self.units)})"
+        return (f"MIGU(threshold={self.threshold}, mode={self.mode!r}, units={len(self.units)}, "
+                f"include_lm_head={self.include_lm_head}, lora_b={self.lora_b!r})")

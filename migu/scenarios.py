@@ -27,7 +27,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
 
-from migu.data import (encode, load_benchmark_task, load_custom_stream, resolve_order)
+from migu.data import (encode, load_benchmark_task, load_custom_stream, resolve_order, task_reserve)
 from migu.data.corpus import (DomainSpec, encode_blocks, is_file_source, load_domains, load_general,
                               pack_documents)
 from migu.data.records import DataError, Task
@@ -114,11 +114,22 @@ class FinetuneScenario(Scenario):
         return self.tasks
 
     def encode(self, tokenizer, examples):
-        if self.encoder_decoder:
+        """Answer-only items; each prompt is truncated with its task's budget (max_length minus the task's
+        longest target, as evaluation does), so the prompt's layout never reveals the label's length."""
+        max_length = self.cfg.data.max_length
+        if self.encoder_decoder:  # prompt and target are separate sequences: nothing to leak
             from migu.data.seq2seq import encode_seq2seq
 
-            return encode_seq2seq(tokenizer, examples, self.cfg.data.max_length, self.cfg.data.max_target_length)
-        return encode(tokenizer, examples, self.cfg.data.max_length)
+            return encode_seq2seq(tokenizer, examples, max_length, self.cfg.data.max_target_length)
+        if getattr(self, "_reserve_for", None) is not tokenizer:
+            self._reserve = {}  # id(example) -> its task's reserve
+            for task in self.tasks:
+                labels = list(task.labels) or [e.target for e in task.train]  # evaluation's rule: the labels
+                room = task_reserve(tokenizer, labels, max_length)
+                self._reserve.update((id(e), room) for e in task.train + task.test)
+            self._reserve_for = tokenizer
+        # an example of no loaded task (built by a method) keeps its own target's length as reserve
+        return encode(tokenizer, examples, max_length, reserve=[self._reserve.get(id(e)) for e in examples])
 
     def evaluate(self, model, tokenizer, task, batch_size, on_batch=None):
         from migu.evaluate import evaluate_task

@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 
 from migu import distributed
 from migu.config import ConfigError, RunConfig, to_yaml
-from migu.core import MIGU
 from migu.data import IGNORE_INDEX, collate, length_grouped_batches
+from migu.masking import phase_migu, token_masker
 from migu.methods import Context, get_method
 from migu.models import load_model_and_tokenizer
 from migu.rundir import RunDir, RunDirError
@@ -134,7 +134,7 @@ def _absolute_paths(cfg: RunConfig) -> RunConfig:
 
 
 def step_loss(model, micro_batches: list[dict], method=None, needs_hidden_states: bool = False, *,
-              total: Optional[int] = None, runner=None):
+              total: Optional[int] = None, runner=None, before_forward=None):
     """Forward + backward of one optimizer step's micro-batches; returns (token-mean NLL, extra loss).
 
     Each micro-batch contributes `sum NLL(answer tokens) / N` with N the step's total answer tokens,
@@ -144,6 +144,7 @@ def step_loss(model, micro_batches: list[dict], method=None, needs_hidden_states
     Data-parallel (`runner`, a `migu.distributed.StepRunner`): `micro_batches` are this rank's share,
     `total` is the answer-token count of the whole step over all ranks, the forward goes through the
     DDP wrapper under the run's autocast, and the returned values are this rank's share of the step's.
+    `before_forward(batch)`, if given, is called before each micro-batch's forward (MIGU's token mask).
     """
     if total is None:
         total = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
@@ -153,6 +154,8 @@ def step_loss(model, micro_batches: list[dict], method=None, needs_hidden_states
     seq2seq = is_encoder_decoder(model)
     nll_sum, extra_sum = 0.0, 0.0
     for i, batch in enumerate(micro_batches):
+        if before_forward is not None:
+            before_forward(batch)
         with runner.micro_batch(last=i == len(micro_batches) - 1) if runner else contextlib.nullcontext():
             with runner.autocast() if runner else contextlib.nullcontext():
                 target = batch["labels"][:, 1:]
@@ -429,10 +432,8 @@ class _Run:
         method.before_task(index, phase_tasks, self.ctx)
         params = method.trainable_parameters(model)
         optimizer = _adamw(params, phase_lr(cfg.train, self.lr, index), cfg.train.weight_decay)
-        migu = None
-        if cfg.migu.enabled:
-            targets = cfg.migu.target_modules or method.migu_target_modules()
-            migu = MIGU(model, threshold=cfg.migu.threshold, target_modules=targets, mode=cfg.migu.mode)
+        migu = phase_migu(cfg.migu, model, method, index)  # None: no MIGU, or phase 0 with first_task skip
+        before_forward = token_masker(migu, cfg.migu)
         items = self._encode([ex for task in phase_tasks for ex in task.train])
         items = method.train_items(index, phase_tasks, items, self.ctx)  # e.g. replay appends stored items
         plans = [_plan_steps(items, cfg.train, seed, epoch) for epoch in range(phase_epochs(cfg.train, phase_tasks))]
@@ -454,7 +455,7 @@ class _Run:
                     if migu is not None:
                         migu.enabled = not placeholder  # a placeholder row must not count in the statistics
                     loss, extra = step_loss(model, batches, method, method.needs_hidden_states, total=total,
-                                            runner=runner)
+                                            runner=runner, before_forward=before_forward)
                     if migu is not None:
                         migu.enabled = True
                     loss, extra = distributed.sum_over_ranks(loss, extra)
@@ -464,8 +465,8 @@ class _Run:
                         record["extra_loss"] = extra
                     if migu is not None:
                         masks = migu.mask_gradients()
-                        if masks:  # fraction of gradient rows kept over all targeted layers
-                            kept = sum(int(m.sum()) for m in masks.values())
+                        if masks:  # fraction of gradient rows kept over all targeted layers (one host sync)
+                            kept = int(torch.stack([m.sum() for m in masks.values()]).sum())
                             record["migu_kept"] = kept / sum(m.numel() for m in masks.values())
                     if cfg.train.max_grad_norm:
                         runner.unscale(optimizer)  # fp16: clip the true gradients

@@ -15,6 +15,8 @@ CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 def test_defaults_are_valid():
     cfg = load_config()
     assert cfg.migu.threshold == 0.7 and cfg.migu.mode == "grad" and not cfg.migu.enabled
+    assert (cfg.migu.first_task, cfg.migu.include_lm_head, cfg.migu.lora_b, cfg.migu.tokens) == (
+        "skip", False, "layer", "all")
     assert cfg.method.name == "seq-ft" and cfg.train.lr is None and cfg.train.max_grad_norm == 1.0
     assert cfg.default_output_dir() == "runs/run-seq-ft-s0"
 
@@ -38,6 +40,10 @@ def test_precedence_defaults_yaml_set(tmp_path):
     (["seed=abc"], "seed: Value 'abc'"),
     (["train.batch_size=0"], "train.batch_size=0: must be >= 1"),
     (["migu.mode=rows"], "migu.mode=rows: must be 'grad' or 'update'"),
+    (["migu.first_task=drop"], "migu.first_task=drop: must be 'skip' or 'mask'"),
+    (["migu.lora_b=both"], "migu.lora_b=both: must be 'layer' or 'own'"),
+    (["migu.tokens=prompt"], "migu.tokens=prompt: must be 'all' or 'answer'"),
+    (["migu.include_lm_head=sometimes"], "migu.include_lm_head: Value 'sometimes' is not a valid bool"),
     (["eval.mode=fast"], "eval.mode=fast: must be 'generate' or 'rank'"),
     (["eval.matrix=lower"], "eval.matrix=lower: must be 'full', 'diagonal' or 'last'"),
     (["eval.matrix=diagonal", "scenario=pretrain"], "eval.matrix=diagonal: 'diagonal' needs scenario 'finetune'"),

@@ -421,3 +421,169 @@ def test_sharded_engines_are_refused_not_silently_ignored():
 
     with pytest.raises(ValueError, match="DeepSpeedEngine"):
         MIGU(DeepSpeedEngine(Toy()))
+
+
+# ------------------------------------------------------------------------------------------ 11. fidelity options (issue 14)
+def test_include_lm_head_ranks_vocab_rows_over_kept_positions_and_masks_the_tied_embedding():
+    model = llama(seed=4, tie_word_embeddings=True)
+    head = model.lm_head
+    assert head.weight is model.model.embed_tokens.weight  # tied: one tensor
+    plain = MIGU(model, 0.5)
+    assert "lm_head" not in {u.name for u in plain.units}  # default: no head
+    plain.remove()
+    migu = MIGU(model, threshold=0.5, include_lm_head=True)
+    assert migu.units[-1].name == "lm_head" and migu.units[-1].size == 64
+    ids, mask = batch(3, length=6)
+    mask[0, 4:] = 0
+    mask[2, 2:] = 0
+    keep = torch.tensor([1, 2, 4])
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits  # [3, 3, 64]
+    logits.abs().sum().backward()
+    # hand computation: the head's counted positions are the kept ones with a real token
+    real = mask[:, keep].bool()  # row 0: positions 1, 2 (4 is padding); row 1: all 3; row 2: position 1
+    y = logits.detach()[real]
+    assert y.shape[0] == 6 and float(migu.units[-1].count) == 6
+    expected = y.abs().mean(0)
+    expected = expected / expected.sum()
+    torch.testing.assert_close(migu.magnitudes()["lm_head"], expected, rtol=1e-5, atol=1e-8)
+    block = migu.units[0]
+    assert float(block.count) == int(mask.sum())  # block linears still count every real token
+    masks = migu.mask_gradients()
+    kept = torch.zeros(64, dtype=torch.bool)
+    kept[torch.sort(expected, descending=True, stable=True).indices[:32]] = True
+    assert torch.equal(masks["lm_head"], kept)
+    # the tied embedding's gradient is the same tensor: its dropped vocabulary rows are zero too
+    grad = model.model.embed_tokens.weight.grad
+    assert grad is head.weight.grad and torch.all(grad[~kept] == 0) and grad[kept].abs().sum() > 0
+
+
+def test_lm_head_positions_follow_an_int_logits_to_keep_and_the_explicit_token_mask():
+    model = llama(seed=4)
+    migu = MIGU(model, threshold=0.5, target_modules=["q_proj"], include_lm_head=True)
+    ids, mask = batch(2, length=5)
+    answer = torch.tensor([[0, 0, 1, 1, 0], [0, 0, 0, 1, 1]])
+    migu.set_token_mask(answer)
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=2).logits  # the last 2 positions
+    logits.sum().backward()
+    counted = answer[:, -2:].bool()  # [[1, 0], [1, 1]]: 3 positions
+    expected = logits.detach()[counted].abs().mean(0)
+    assert float(migu.units[-1].count) == 3
+    torch.testing.assert_close(migu.magnitudes()["lm_head"], expected / expected.sum(), rtol=1e-5, atol=1e-8)
+    assert float(migu.units[0].count) == int(answer.sum())  # q_proj: the 4 selected tokens
+
+
+def test_include_lm_head_frozen_head_is_skipped_and_a_headless_model_is_an_error():
+    model = lora_model()
+    names = {u.name for u in MIGU(model, include_lm_head=True).units}
+    assert names and not any("lm_head" in n for n in names)  # frozen under LoRA: nothing to mask
+    with pytest.raises(ValueError, match="include_lm_head.*no LM head"):
+        MIGU(nn.Sequential(nn.Linear(2, 2)), include_lm_head=True)
+
+
+def test_lora_b_own_ranks_b_rows_by_b_output_and_keeps_every_row_while_it_is_zero():
+    model = lora_model()
+    migu = MIGU(model, threshold=0.5, lora_b="own")
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    seen = {}
+    layer.register_forward_hook(lambda m, i, o: seen.update(x=i[0].detach()))
+    ids, mask = batch(2, pad_last=3)
+    lm_loss_sum(model, ids, mask).backward()
+    x = seen["x"][mask.bool()]
+    own = x @ layer.lora_A["default"].weight.T @ layer.lora_B["default"].weight.T  # B·A·x, unscaled
+    expected = own.abs().mean(0)
+    name = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.default"
+    torch.testing.assert_close(migu.magnitudes()[name], expected / expected.sum(), rtol=1e-5, atol=1e-7)
+    assert int(migu.mask_gradients()[name].sum()) == 8  # ceil(0.5 * 16)
+
+    from peft import LoraConfig, get_peft_model
+
+    fresh = get_peft_model(llama(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj"]))
+    own, layer_rule = MIGU(fresh, 0.5, lora_b="own"), MIGU(fresh, 0.5, lora_b="layer")
+    lm_loss_sum(fresh, ids, mask).backward()
+    b = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.default"
+    assert bool(own.mask_gradients()[b].all())  # B = 0: its output is all zero, every row kept
+    assert int(layer_rule.masks()[b].sum()) == 8  # the paper's rule ranks by the base output
+    with pytest.raises(ValueError, match="lora_b.*'both'"):
+        MIGU(llama(), lora_b="both")
+
+
+def test_a_no_grad_pass_does_not_replace_the_captured_mask():
+    model = Toy()
+    migu = MIGU(model, 0.5, target_modules=["layers.1.proj"])
+    m1 = torch.tensor([[1, 1, 0]])
+    model(torch.randn(1, 3, 3), attention_mask=m1)
+    with torch.no_grad():  # e.g. I-LoRA's slow-adapter pass on a batch of another shape
+        model(torch.randn(2, 5, 3), attention_mask=torch.ones(2, 5))
+    assert migu._auto_mask is m1
+    with torch.no_grad(), migu.observe():  # an observed pass is a measured forward: it captures
+        model(torch.randn(2, 5, 3), attention_mask=torch.ones(2, 5))
+    assert migu._auto_mask.shape == (2, 5)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_counts_each_real_token_once_despite_a_no_grad_pass(reentrant):
+    ids, mask = batch(4, pad_last=3)
+    mask[1, 2:] = 0
+    other_ids, other_mask = batch(2, length=7, seed=9)
+    stats = []
+    for ckpt in (False, True):
+        model = llama(seed=2)
+        model.train()
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        migu = MIGU(model, threshold=0.7)
+        loss = lm_loss_sum(model, ids, mask)
+        with torch.no_grad():  # a teacher / evaluation pass between forward and backward (other shape)
+            model(input_ids=other_ids, attention_mask=other_mask)
+        loss.backward()
+        stats.append(({u.name: float(u.count) for u in migu.units}, migu.magnitudes()))
+    (c0, m0), (c1, m1) = stats
+    assert set(c0.values()) == {float(mask.sum())} and c1 == c0  # padding never counted, nothing doubled
+    for k in m0:
+        torch.testing.assert_close(m1[k], m0[k], rtol=1e-5, atol=1e-8, msg=k)
+
+
+def _reference_rank(threshold, magnitudes):
+    """The per-layer ranking migu used before it was batched: a stable CPU sort per unit."""
+    out = {}
+    for name, m in magnitudes.items():
+        k = keep_count(threshold, m.numel())
+        if k >= m.numel() or not bool(m.any()):
+            out[name] = torch.ones(m.numel(), dtype=torch.bool)
+            continue
+        mask = torch.zeros(m.numel(), dtype=torch.bool)
+        mask[torch.sort(m, descending=True, stable=True).indices[:k]] = True
+        out[name] = mask
+    return out
+
+
+def test_batched_ranking_equals_the_per_layer_sort_with_ties_and_all_zero_units():
+    model = llama()
+    migu = MIGU(model, threshold=0.7)
+    g = torch.Generator().manual_seed(0)
+    mags = {}
+    for i, unit in enumerate(migu.units):
+        m = torch.randint(0, 4, (unit.size,), generator=g).float()  # 4 values: many ties
+        mags[unit.name] = torch.zeros(unit.size) if i == 3 else m
+    got = migu._rank(mags)
+    want = _reference_rank(0.7, mags)
+    assert list(got) == [u.name for u in migu.units]
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert bool(got[migu.units[3].name].all())
+
+
+def test_grad_mode_masking_needs_no_host_sync(monkeypatch):
+    model = llama()
+    migu = MIGU(model, threshold=0.7, include_lm_head=True)
+    ids, mask = batch(2)
+    lm_loss_sum(model, ids, mask).backward()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host sync in mask_gradients")
+
+    for attr in ("__bool__", "item", "cpu", "tolist", "__float__", "__int__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, attr, refuse)
+    masks = migu.mask_gradients()
+    monkeypatch.undo()
+    assert len(masks) == 15 and all(int(m.sum()) == keep_count(0.7, m.numel()) for m in masks.values())

@@ -277,6 +277,32 @@ def test_truncation_cuts_the_middle_and_keeps_the_answer():
         encode(word_tokenizer(), [Example(PROMPT, "a , b")], max_length=6)
 
 
+def test_training_truncates_every_prompt_of_a_task_with_the_task_wide_budget():
+    from migu.config import load_config
+    from migu.data import Task, task_reserve
+    from migu.scenarios import FinetuneScenario
+
+    tok = word_tokenizer()
+    # longest target " a , b" + eos = 4 tokens: the prompt budget is 14 - 4 = 10 for every example,
+    # the one evaluation uses (max(8, max_length - (default_max_new_tokens - 1)) = max(8, 14 - (3 + 2 - 1)))
+    assert task_reserve(tok, ["b", "a , b"], 14) == 4
+    assert task_reserve(tok, ["b", "a , b"], 10) == 2  # capped: the prompt keeps at least 8 tokens
+    short, long = Example(PROMPT, "b"), Example(PROMPT, "a , b")
+    head = PROMPT_IDS[:7] + ids("six Answer :")
+    (own,) = encode(tok, [short], max_length=14)  # the per-label rule: budget 14 - 2 = 12
+    assert own["input_ids"] == PROMPT_IDS[:9] + ids("six Answer :") + ids("b </s>")
+    scenario = FinetuneScenario(load_config(None, ["data.max_length=14"]))
+    scenario.tasks = [Task("t", ["b", "a , b"], train=[short, long], test=[])]
+    a, b = scenario.encode(tok, [short, long])
+    assert a["input_ids"] == head + ids("b </s>") and b["input_ids"] == head + ids("a , b </s>")
+    assert a["labels"] == [IGNORE_INDEX] * 10 + ids("b </s>")
+    assert encode_prompts(tok, [PROMPT], max_length=10) == [{"input_ids": head}]  # what evaluation feeds
+    (other,) = scenario.encode(tok, [Example(PROMPT, "b")])  # an example of no loaded task: its own target
+    assert other == own
+    with pytest.raises(ValueError, match="reserve has 1 entries for 2 examples"):
+        encode(tok, [short, long], 14, reserve=[4])
+
+
 def test_length_grouped_batches():
     lengths = [(i * 37) % 101 for i in range(1000)]
     batches = length_grouped_batches(lengths, 8, seed=3, mega_batch_mult=10)

@@ -211,13 +211,15 @@ class _Recording(MIGU):
 
 
 def _masks_of_run(monkeypatch, tmp_path, name, model_dir, stream, **settings):
-    import migu.train
+    import migu.masking
 
     from migu.train import run
 
     _Recording.log = []
-    monkeypatch.setattr(migu.train, "MIGU", _Recording)
-    run(tiny_config(model_dir, stream, tmp_path / name, **{"migu.enabled": True, **settings}), quiet=True)
+    monkeypatch.setattr(migu.masking, "MIGU", _Recording)  # the runner builds its MIGU there
+    # one-task streams: first_task mask, or the only phase would train without MIGU
+    run(tiny_config(model_dir, stream, tmp_path / name, **{"migu.enabled": True, "migu.first_task": "mask",
+                                                            **settings}), quiet=True)
     return list(_Recording.log), train_losses(tmp_path / name)
 
 

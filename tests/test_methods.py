@@ -693,7 +693,8 @@ def test_method_contract(name, migu_on, model_dir, stream, tmp_path, monkeypatch
 
     monkeypatch.setattr(migu.train, "load_model_and_tokenizer", load)
     monkeypatch.setattr(cls, "trainable_parameters", trainable)
-    sets = {"method.name": name, "migu.enabled": migu_on, "migu.threshold": 0.5}
+    # first_task mask: every phase masked, so a single-phase method (mtl) is checked with MIGU too
+    sets = {"method.name": name, "migu.enabled": migu_on, "migu.threshold": 0.5, "migu.first_task": "mask"}
     summary = migu.train.run(tiny_run_config(model_dir, stream, tmp_path / "full", **sets), quiet=True)
     records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["type"] == "train"]

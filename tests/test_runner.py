@@ -270,8 +270,8 @@ def test_migu_in_the_loop_zeroes_gradient_rows(tmp_path, tiny_llama_dir):
     assert _changed_rows(plain, name) == (32, 32)
 
     masked = tmp_path / "masked"
-    run(tiny_config(tiny_llama_dir, stream, masked, **one_step, **{"migu.enabled": True, "migu.threshold": 0.9}),
-        quiet=True)
+    run(tiny_config(tiny_llama_dir, stream, masked, **one_step, **{"migu.enabled": True, "migu.threshold": 0.9,
+                                                                     "migu.first_task": "mask"}), quiet=True)
     assert _changed_rows(masked, name) == (4, 32)  # ceil(0.1 * 32) rows kept; AdamW leaves zero-grad rows
     assert _changed_rows(masked, "model.layers.1.mlp.down_proj.weight") == (4, 32)
     record = [json.loads(x) for x in (masked / "metrics.jsonl").read_text().splitlines() if '"train"' in x][0]
@@ -340,3 +340,76 @@ def test_diagonal_eval_matrix_resumes_and_plots(tmp_path, tiny_llama_dir, stream
     from migu.report.plots import write_run_plots
 
     assert all(p.stat().st_size > 0 for p in write_run_plots(tmp_path / "b"))
+
+
+# ------------------------------------------------------------------------------------------ MIGU options (issue 14)
+def test_first_task_skip_trains_phase_0_like_the_base_run(tmp_path, tiny_llama_dir, stream):
+    base, skip, mask = tmp_path / "base", tmp_path / "skip", tmp_path / "mask"
+    run(tiny_config(tiny_llama_dir, stream, base), quiet=True)
+    summary = run(tiny_config(tiny_llama_dir, stream, skip, **{"migu.enabled": True}), quiet=True)
+    run(tiny_config(tiny_llama_dir, stream, mask, **{"migu.enabled": True, "migu.first_task": "mask"}), quiet=True)
+
+    def stage(path, i):
+        return [x for x in train_losses(path) if x[0] == i]
+
+    assert stage(skip, 0) == stage(base, 0)  # bit-identical losses ...
+    assert final_rows(skip)[0] == final_rows(base)[0]  # ... and R[0]
+    assert stage(skip, 1) != stage(base, 1)  # later phases are masked
+    assert stage(mask, 0)[1:] != stage(base, 0)[1:]  # `mask`: phase 0 is masked from its second step on
+    records = [json.loads(x) for x in (skip / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert [("migu_kept" in r) for r in records] == [False] * 3 + [True] * 6
+    assert summary["migu"] == {"enabled": True, "threshold": 0.7, "mode": "grad", "target_modules": None,
+                               "first_task": "skip", "include_lm_head": False, "lora_b": "layer", "tokens": "all"}
+    assert "first_task: skip" in (skip / "config.yaml").read_text()
+
+
+def _captured_counts(monkeypatch):
+    """Per optimizer step: {unit name: token count} MIGU accumulated, read just before masking."""
+    from migu.core import MIGU
+
+    seen = []
+    real = MIGU.mask_gradients
+
+    def spy(self):
+        seen.append({u.name: float(u.count) for u in self.units})
+        return real(self)
+
+    monkeypatch.setattr(MIGU, "mask_gradients", spy)
+    return seen
+
+
+@pytest.mark.parametrize("tokens", ["all", "answer"])
+def test_migu_tokens_and_lm_head_count_the_hand_computed_positions(tmp_path, tiny_llama_dir, stream, monkeypatch,
+                                                                  tokens):
+    seen = _captured_counts(monkeypatch)
+    out = tmp_path / tokens
+    run(tiny_config(tiny_llama_dir, stream, out, **{"migu.enabled": True, "migu.first_task": "mask",
+                                                    "migu.tokens": tokens, "migu.include_lm_head": True,
+                                                    "train.group_by_length": False}), quiet=True)
+    # hand computation from the encoded items of each step (same seeded plan as the runner)
+    from migu.config import load_config
+    from migu.data import load_custom_stream
+    from migu.models import load_model_and_tokenizer
+    from migu.scenarios import get_scenario
+    from migu.train import _plan_steps, phase_seed
+
+    cfg = load_config(out / "config.yaml")
+    _, tok = load_model_and_tokenizer(cfg.model.name)
+    scenario = get_scenario(cfg)
+    tasks = scenario.load_tasks()
+    scenario.prepare(tok)
+    expected = []
+    for index, task in enumerate(tasks):
+        items = scenario.encode(tok, task.train)
+        for step in _plan_steps(items, cfg.train, phase_seed(cfg.seed, index), 0):
+            rows = [items[i] for mb in step for i in mb]
+            answer = sum(sum(1 for lab in it["labels"][1:] if lab != IGNORE_INDEX) for it in rows)
+            real = sum(len(it["input_ids"]) for it in rows)
+            expected.append((answer if tokens == "answer" else real, answer))
+    assert len(seen) == len(expected) == 9
+    for counts, (block, answer) in zip(seen, expected):
+        assert counts["model.layers.0.self_attn.q_proj"] == block
+        if tokens == "answer":  # the head sees only kept positions: exactly the answer-predicting ones
+            assert counts["lm_head"] == answer
+        else:  # every real token at a kept position (kept in some row of the micro-batch)
+            assert answer <= counts["lm_head"] <= block

@@ -3,7 +3,8 @@ format, seeded stratified subsampling, answer-only tokenisation and length-group
 
 from migu.data.benchmark import (ENV_VAR, default_data_dir, list_tasks, load_benchmark_stream,
                                  load_benchmark_task, resolve_order)
-from migu.data.collate import IGNORE_INDEX, collate, encode, encode_prompts, length_grouped_batches, on_model_device
+from migu.data.collate import (IGNORE_INDEX, collate, encode, encode_prompts, length_grouped_batches, on_model_device,
+                               task_reserve)
 from migu.data.custom import load_custom_stream
 from migu.data.prompts import ANSWER_SUFFIX, build_prompt
 from migu.data.records import DataError, Example, Task, read_records, stratified_indices, subsample, task_rng
@@ -30,5 +31,6 @@ __all__ = [
     "resolve_order",
     "stratified_indices",
     "subsample",
+    "task_reserve",
     "task_rng",
 ]

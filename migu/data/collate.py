@@ -18,7 +18,8 @@ from migu.data.records import DataError, Example
 IGNORE_INDEX = -100  # the label value torch's cross-entropy (and HF models) skip
 
 
-def encode(tokenizer, examples: Sequence[Example], max_length: int, keep_last: int | None = None) -> list[dict]:
+def encode(tokenizer, examples: Sequence[Example], max_length: int, keep_last: int | None = None,
+           reserve: Sequence[int | None] | None = None) -> list[dict]:
     """Tokenises examples for training; only the answer is trained.
 
     `input_ids = [bos] + tokens(prompt) + tokens(" " + target) + [eos]` and `labels` is -100 for
@@ -31,13 +32,18 @@ def encode(tokenizer, examples: Sequence[Example], max_length: int, keep_last: i
     whole, and the prompt loses tokens from its middle. It keeps its first
     `budget - keep_last` tokens (task line, instruction, options, the start of the sentence) and
     its last `keep_last` tokens (the end of the sentence and "\\nAnswer:"), where
-    `budget = max_length - len(target + eos)`.
+    `budget = max_length - reserve` and `reserve` defaults to the example's own `len(target + eos)`.
+    Training passes the task-wide reserve (`task_reserve`: the longest target of the task, the rule
+    evaluation uses), so where "Answer:" sits does not depend on the example's label.
 
     Args:
         tokenizer: a Hugging Face tokenizer with `eos_token_id`.
         examples: the examples (prompt, target).
         max_length: the longest sequence returned.
         keep_last: prompt tokens kept from the end; default: the tokens of "\\nAnswer:" plus one.
+        reserve: per example, the tokens kept free for the target when truncating its prompt; None (or a
+            None entry): the example's own target + eos. A target longer than its reserve is still kept
+            whole (the sequence then exceeds `max_length` by the difference).
 
     Returns:
         One dict per example: `input_ids` and `labels`, lists of ints of equal length.
@@ -52,9 +58,21 @@ def encode(tokenizer, examples: Sequence[Example], max_length: int, keep_last: i
         return []
     keep_last = _default_keep_last(tokenizer) if keep_last is None else keep_last
     targets = [ids + [eos] for ids in _tokenize(tokenizer, [" " + e.target for e in examples])]
-    prompts = _prompt_ids(tokenizer, [e.prompt for e in examples], max_length, keep_last,
-                          [len(t) for t in targets])
+    if reserve is not None and len(reserve) != len(examples):
+        raise ValueError(f"reserve has {len(reserve)} entries for {len(examples)} examples")
+    reserved = [len(t) if reserve is None or reserve[i] is None else reserve[i] for i, t in enumerate(targets)]
+    prompts = _prompt_ids(tokenizer, [e.prompt for e in examples], max_length, keep_last, reserved)
     return [{"input_ids": p + t, "labels": [IGNORE_INDEX] * len(p) + t} for p, t in zip(prompts, targets)]
+
+
+def task_reserve(tokenizer, targets: Sequence[str], max_length: int) -> int:
+    """Task-wide tokens reserved for the answer: the longest `" " + target + eos`, capped so the prompt
+    keeps at least 8 tokens; the prompt budget `max_length - task_reserve(...)` is the one evaluation uses
+    (`max(8, max_length - (default_max_new_tokens - 1))` in migu.evaluate)."""
+    if not targets:
+        raise ValueError("task_reserve needs at least one target")
+    longest = max(len(ids) for ids in _tokenize(tokenizer, [" " + t for t in targets])) + 1
+    return min(longest, max_length - 8)
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], max_length: int, keep_last: int | None = None) -> list[dict]:

@@ -471,7 +471,8 @@ def run_magnitudes(run_dir: str | Path, tasks: Optional[Sequence[str]] = None, n
                 raise ReportError(f"task {name!r} has no {split} examples")
             batches = task_batches(tokenizer, examples, cfg.data.max_length, batch_size, cfg.seed,
                                    encoder=lambda ex: scenario.encode(tokenizer, ex))
-            mags = collect_task_magnitudes(model, batches, {"threshold": threshold, "target_modules": targets},
+            mags = collect_task_magnitudes(model, batches, {"threshold": threshold, "target_modules": targets,
+                                                            "lora_b": cfg.migu.lora_b},
                                            progress=progress, desc=f"magnitudes {name}")
             written.append(save_task_magnitudes(mags, run_dir / MAGNITUDES / task_file_name(name)))
     written += write_magnitude_plots(run_dir / MAGNITUDES, run_dir / "plots", threshold=threshold, tasks=names,
