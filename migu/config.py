@@ -125,7 +125,7 @@ class TrainConfig:
     group_by_length: bool = True
     """Batch examples of similar length together (padding dominates CPU cost otherwise)."""
     checkpoint: bool = True
-    """Write checkpoints/last after every task (needed by --resume)."""
+    """Write checkpoints/last after every task (needed by --resume); false also disables step checkpoints."""
     precision: str = "fp32"
     """`fp32`; `bf16`: autocast to bfloat16 (CPU, or a CUDA GPU with bf16); `fp16`: autocast + loss scaling, CUDA only. Weights, optimizer state and MIGU statistics stay float32."""
     gradient_checkpointing: bool = False
@@ -136,6 +136,10 @@ class TrainConfig:
     """Data-parallel engine under torchrun / accelerate launch: `ddp` (the only one supported; `fsdp` and `deepspeed` are refused with the reason, see docs/distributed.md)."""
     dist_timeout_s: float = 1800.0
     """Seconds a process waits for the others in a collective before failing (a dead peer never hangs a run forever); must exceed the longest rank-0-only work, e.g. writing a checkpoint."""
+    save_every_steps: int = 0
+    """Also write a step checkpoint (parameters, optimizer, method and RNG state, data position) every N optimizer steps inside a task, so --resume continues mid-task; 0 = only between tasks. Keeps `last` and `previous`."""
+    save_every_minutes: float = 0.0
+    """Also write a step checkpoint when this many minutes passed since the last one (for wall-clock budgets); 0 = off."""
 
     def validate(self) -> None:
         _check(self.lr is None or self.lr > 0, "train.lr", self.lr, "must be > 0 or null")
@@ -150,6 +154,12 @@ class TrainConfig:
         _check(self.device in ("auto", "cpu", "cuda"), "train.device", self.device, "must be 'auto', 'cpu' or 'cuda'")
         _check(self.engine in ENGINES, "train.engine", self.engine, "must be 'ddp', 'fsdp' or 'deepspeed'")
         _check(self.dist_timeout_s > 0, "train.dist_timeout_s", self.dist_timeout_s, "must be > 0")
+        _check(self.save_every_steps >= 0, "train.save_every_steps", self.save_every_steps, "must be >= 0 (0 = off)")
+        _check(self.save_every_minutes >= 0, "train.save_every_minutes", self.save_every_minutes,
+               "must be >= 0 (0 = off)")
+        for key in ("save_every_steps", "save_every_minutes"):
+            _check(self.checkpoint or not getattr(self, key), f"train.{key}", getattr(self, key),
+                   "needs train.checkpoint=true")
 
 
 ENGINES = ("ddp", "fsdp", "deepspeed")
