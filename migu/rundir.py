@@ -186,6 +186,7 @@ class RunDir:
         if path.exists() and not path.is_dir():
             raise RunDirError(f"{path} exists and is not a directory")
         if _entries(path):
+            RunLock(path).probe()  # a run in progress: say so (and who), rather than "already exists"
             if not overwrite:
                 raise RunDirError(f"run directory {path} already exists; use --resume {path} to continue it "
                                   f"or --overwrite to replace it")

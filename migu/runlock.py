@@ -63,6 +63,12 @@ class RunLock:
         except OSError:
             pass
 
+    def probe(self) -> None:
+        """RunDirError when another process holds the lock now (taken and dropped at once; creates no file)."""
+        if self._fd is None and self.path.is_file():
+            self.acquire()
+            self.release()
+
     def release(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None

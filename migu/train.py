@@ -272,8 +272,8 @@ def _run(cfg: RunConfig, *, resume: bool, overwrite: bool, output_dir: Optional[
         if state and state.get("status") == "done" and summary is not None:
             rd.unlock()
             return summary  # finished: nothing to resume
-    elif not overwrite:
-        RunDir.check_new(path, overwrite=False)  # the "already exists" error, before loading anything
+    else:
+        RunDir.check_new(path, overwrite)  # "already exists", "in use", before loading anything
     return _Run(cfg, path, resume, overwrite, quiet, r0, rundir=rd).execute()
 
 
@@ -597,8 +597,7 @@ def run_comparison(cfg: RunConfig, path: Path, *, resume: bool = False, overwrit
     if resume:
         parent = RunDir.open(path, lock=True)  # the parent is written too: one comparison at a time
     else:
-        if not overwrite:
-            RunDir.check_new(path, overwrite=False)
+        RunDir.check_new(path, overwrite)
         # bad data or a bad model fails here, before anything is deleted; the model goes to the first run
         load_tasks(cfg)
         preloaded = load_model_and_tokenizer(cfg.model.name)
