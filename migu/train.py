@@ -14,7 +14,9 @@ micro-batches give the same gradient as one batch of their union.
 
 Resume is exact: a checkpoint holds the trained parameters, the method's state and the rows so far;
 every phase reseeds torch/random/numpy from (seed, phase) and builds a fresh optimizer, so a resumed
-run repeats the uninterrupted one bit for bit (on the same machine and thread count).
+run repeats the uninterrupted one bit for bit (on the same machine and thread count). Step checkpoints
+inside a phase (`train.save_every_steps` / `save_every_minutes`, or a SIGTERM/SIGINT) also hold the
+optimizer, RNG states and the position in the phase's plan (migu/preemption.py).
 """
 
 from __future__ import annotations
