@@ -173,7 +173,7 @@ class RunDir:
         rd = cls(path).lock()
         try:
             # again under the lock: another writer may have filled or claimed it since the first check
-            _on_main(lambda: (cls.check_new(path, overwrite), rd._clear()))
+            _on_main(lambda: (cls.check_new(path, overwrite, probe=False), rd._clear()))
         except BaseException:
             rd.unlock()
             raise
@@ -181,12 +181,16 @@ class RunDir:
         return rd
 
     @staticmethod
-    def check_new(path: Path, overwrite: bool) -> None:
-        """RunDirError when `create(path, overwrite)` would refuse (nothing is changed)."""
+    def check_new(path: Path, overwrite: bool, probe: bool = True) -> None:
+        """RunDirError when `create(path, overwrite)` would refuse (nothing is changed).
+
+        `probe`: first ask whether another process holds the lock (not when this one does).
+        """
         if path.exists() and not path.is_dir():
             raise RunDirError(f"{path} exists and is not a directory")
         if _entries(path):
-            RunLock(path).probe()  # a run in progress: say so (and who), rather than "already exists"
+            if probe:
+                RunLock(path).probe()  # a run in progress: say so (and who), rather than "already exists"
             if not overwrite:
                 raise RunDirError(f"run directory {path} already exists; use --resume {path} to continue it "
                                   f"or --overwrite to replace it")

@@ -36,8 +36,11 @@ class RunLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> None:
-        """Take the lock without waiting; `RunDirError` naming the directory and holder when it is taken."""
+    def acquire(self, record: bool = True) -> None:
+        """Take the lock without waiting; `RunDirError` naming the directory and holder when it is taken.
+
+        `record`: write this process's pid into the file (for a later writer's error message).
+        """
         from migu.rundir import RunDirError
 
         if self._fd is not None:
@@ -57,6 +60,8 @@ class RunLock:
             os.close(fd)
             raise RunDirError(f"cannot lock run directory {self.path.parent}: {err.strerror}") from None
         self._fd = fd
+        if not record:
+            return
         try:  # who holds it, for the second writer's message (best effort: a full disk must not stop the lock)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
@@ -66,7 +71,7 @@ class RunLock:
     def probe(self) -> None:
         """RunDirError when another process holds the lock now (taken and dropped at once; creates no file)."""
         if self._fd is None and self.path.is_file():
-            self.acquire()
+            self.acquire(record=False)
             self.release()
 
     def release(self) -> None:

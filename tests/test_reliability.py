@@ -135,6 +135,8 @@ def test_a_second_writer_is_refused_and_the_first_runs_undisturbed(tmp_path, tin
         first.wait(timeout=300)
     assert first.returncode == 0, first.stderr[-2000:] if isinstance(first.stderr, str) else first.stderr.read()
     _assert_same(out, ref)  # 15 train records, not two runs interleaved
+    assert main(["run", str(config), "--overwrite", "--quiet"]) == 0  # once it has ended, it may be replaced
+    _assert_same(out, ref)
 
 
 # ------------------------------------------------------------------------------------------ preemption
