@@ -101,7 +101,7 @@ def load_verified(where: Path, training: bool) -> tuple:
             if name.endswith(".safetensors"):
                 loaded.append(load_file(str(where / name)))
             else:
-                loaded.append(torch.load(where / name, weights_only=True))
+                loaded.append(torch.load(where / name, map_location="cpu", weights_only=True))  # GPU-written too
         except FileNotFoundError:
             raise Damaged(name, "is missing") from None
         except Exception as err:  # an unverified (older) checkpoint: whatever the reader chokes on
