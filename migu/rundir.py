@@ -152,7 +152,7 @@ class RunDir:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._lock = RunLock(self.path)
+        self._lock, self._locked = RunLock(self.path), False
 
     # ----------------------------------------------------------------------------- opening
     @classmethod
@@ -218,12 +218,14 @@ class RunDir:
 
     def lock(self) -> "RunDir":
         """Become the directory's one writer (rank 0 locks; every rank gets its error). Returns self."""
-        if not self._lock.held:
+        if not self._locked:  # the same answer on every rank (only rank 0 holds the OS lock): one collective
             _on_main(self._lock.acquire)
+            self._locked = True
         return self
 
     def unlock(self) -> None:
         self._lock.release()
+        self._locked = False
 
     @staticmethod
     def is_run_dir(path: str | Path) -> bool:
