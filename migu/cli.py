@@ -6,7 +6,9 @@
     migu run --help                             # every option, its default and its docstring
 
 Bad input (config, data, model path, run directory) ends with one line on stderr and exit code 2,
-never a traceback, and never after deleting anything.
+never a traceback, and never after deleting anything. A failed write (full disk, file-size limit) ends
+with one line and exit code 1; SIGTERM / SIGINT with a step checkpoint, one line saying how to resume
+and exit code 128 + the signal number (143, 130); see migu.preemption.
 """
 
 from __future__ import annotations
@@ -72,16 +74,26 @@ def cmd_run(args: argparse.Namespace) -> int:
                           args.overrides)
         print(format_plan(plan(cfg, args.flops)))
         return 0
+    from migu.preemption import Interrupted
+
     if args.resume:
         if args.config or args.overrides or args.overwrite:
             raise ConfigError("--resume continues a run with its saved config.yaml; "
                               "don't pass a config file, --set or --overwrite with it")
         run_dir = Path(args.resume)
         cfg = load_config(_saved_config(run_dir))
-        result = run(cfg, resume=True, output_dir=str(run_dir), quiet=args.quiet)
     else:
         cfg = load_config(args.config or default_config(), args.overrides)
-        result = run(cfg, overwrite=args.overwrite, quiet=args.quiet)
+    try:
+        if args.resume:
+            result = run(cfg, resume=True, output_dir=str(run_dir), quiet=args.quiet)
+        else:
+            result = run(cfg, overwrite=args.overwrite, quiet=args.quiet)
+    except Interrupted as stop:  # SIGTERM / SIGINT: stopped at a safe point (migu.preemption)
+        if launched_rank() == 0:
+            where = args.resume or cfg.output_dir or cfg.default_output_dir()
+            print(f"{stop}; continue with: migu run --resume {where}", file=sys.stderr)
+        return stop.exit_code
     if launched_rank() != 0:
         return 0  # torchrun: rank 0 prints the result
     print(format_comparison(result) if "runs" in result else format_matrix(result))
@@ -141,7 +153,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 _PREFIX = {"ConfigError": "config error", "DataError": "data error", "ModelError": "model error",
-           "RunDirError": "run directory error", "ReportError": "report error"}
+           "RunDirError": "run directory error", "WriteError": "write error", "ReportError": "report error"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     except errors as err:
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"{_PREFIX.get(type(err).__name__, 'error')}: {message}", file=sys.stderr)
-        return 2
+        return 1 if type(err).__name__ == "WriteError" else 2  # a full disk is not bad input
     except KeyboardInterrupt:
         print("interrupted; continue with: migu run --resume <run directory>", file=sys.stderr)
         return 130

@@ -128,7 +128,7 @@ class TrainConfig:
     group_by_length: bool = True
     """Batch examples of similar length together (padding dominates CPU cost otherwise)."""
     checkpoint: bool = True
-    """Write checkpoints/last after every task (needed by --resume)."""
+    """Write checkpoints/last after every task (needed by --resume); false also disables step checkpoints."""
     precision: str = "fp32"
     """`fp32`; `bf16`: autocast to bfloat16 (CPU, or a CUDA GPU with bf16); `fp16`: autocast + loss scaling, CUDA only. Weights, optimizer state and MIGU statistics stay float32."""
     gradient_checkpointing: bool = False
@@ -143,6 +143,10 @@ class TrainConfig:
     """Epochs per task name, overriding train.epochs for those tasks (the paper: {WiC: 2} in order 5, {MNLI: 2} in order 6); a phase of several tasks takes the largest."""
     lr_per_phase: Optional[list[float]] = None
     """Learning rate of phase i = lr_per_phase[i], its last entry for later phases (O-LoRA's LLaMA scripts: [1e-3, 1e-4]); null: train.lr for every phase."""
+    save_every_steps: int = 0
+    """Also write a step checkpoint (parameters, optimizer, method and RNG state, data position) every N optimizer steps inside a task, so --resume continues mid-task; 0 = only between tasks. Keeps `last` and `previous`."""
+    save_every_minutes: float = 0.0
+    """Also write a step checkpoint when this many minutes passed since the last one (for wall-clock budgets); 0 = off."""
 
     def validate(self) -> None:
         _check(self.lr is None or self.lr > 0, "train.lr", self.lr, "must be > 0 or null")
@@ -162,6 +166,12 @@ class TrainConfig:
         if self.lr_per_phase is not None:
             _check(len(self.lr_per_phase) > 0 and all(x > 0 for x in self.lr_per_phase), "train.lr_per_phase",
                    self.lr_per_phase, "must list learning rates > 0 (or be null)")
+        _check(self.save_every_steps >= 0, "train.save_every_steps", self.save_every_steps, "must be >= 0 (0 = off)")
+        _check(self.save_every_minutes >= 0, "train.save_every_minutes", self.save_every_minutes,
+               "must be >= 0 (0 = off)")
+        for key in ("save_every_steps", "save_every_minutes"):
+            _check(self.checkpoint or not getattr(self, key), f"train.{key}", getattr(self, key),
+                   "needs train.checkpoint=true")
 
 
 ENGINES = ("ddp", "fsdp", "deepspeed")

@@ -6,11 +6,19 @@
              accuracy_matrix.csv    header after_task,<task1>,...; row "untrained", then one row per phase
              perplexity_matrix.csv  instead of accuracy_matrix.csv for scenario: pretrain (general column last)
              summary.json           AA, BWT, FWT, forgetting, matrix, method, migu, seed, wall time, versions
-             checkpoints/last/      params.safetensors, method.pt, meta.json (written atomically)
+             checkpoints/last/      params.safetensors, method.pt, meta.json (+ training.pt in a step
+                                    checkpoint: optimizer, loss scaler, RNG states); meta.json records
+                                    each file's size and sha256
+             checkpoints/previous/  the checkpoint before `last` (the fallback when `last` is damaged)
+             .lock                  the writer's lock (migu.runlock): one writing process at a time
 
 Every write goes through `RunDir` and happens only on the main process (`is_main_process`), so a
 multi-process launch writes each file once. Files are replaced atomically (temporary file or
-directory, then `os.replace`): a kill at any moment leaves either the old or the new version.
+directory, then `os.replace`): a kill at any moment leaves either the old or the new version, so a
+reader never sees a half-written file (metrics.jsonl is appended; a line cut by a kill is skipped).
+A write that fails (no space, file-size limit) raises `WriteError` and leaves the previous version.
+Loading a checkpoint verifies every file against meta.json and falls back to `previous`; it never
+loads a damaged file.
 """
 
 from __future__ import annotations
@@ -28,19 +36,36 @@ from typing import Callable, Optional
 
 import torch
 
+from migu.integrity import Checkpoint, Damaged, digest, fsync_dir, io_reason, load_verified
+from migu.runlock import LOCK, RunLock
+
 CONFIG = "config.yaml"
 STATE = "state.json"
 METRICS = "metrics.jsonl"
 MATRIX = "accuracy_matrix.csv"
 SUMMARY = "summary.json"
 CHECKPOINT = Path("checkpoints") / "last"
+PREVIOUS = CHECKPOINT.with_name("previous")
+LEGACY = CHECKPOINT.with_name("last.old")  # the fallback name of older versions (read only)
 _MARKERS = (CONFIG, STATE)  # a directory holding one of these is a run directory
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
 class RunDirError(ValueError):
-    """A run directory that cannot be used as asked (exists, missing, not a run directory)."""
+    """A run directory that cannot be used as asked (exists, missing, not a run directory, locked, damaged)."""
+
+
+class WriteError(RunDirError):
+    """A file of the run directory could not be written (no space, file-size limit); the old version is intact."""
+
+
+def _write_error(path: Path, err: BaseException, what: str = "") -> BaseException:
+    """A WriteError for an I/O failure, else `err` itself (a bug must not pass for a full disk)."""
+    reason = io_reason(err)
+    if reason is None:
+        return err
+    return WriteError(f"cannot write {path}: {reason}; {what or 'its previous version is intact'}")
 
 
 def is_main_process() -> bool:
@@ -55,11 +80,42 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _broadcast(value):
+    """Rank 0's `value` on every rank (itself without a multi-process group)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+def _on_main(fn: Callable[[], None]) -> None:
+    """Run `fn` on rank 0 only; a RunDirError it raises is raised on every rank (same one-line message)."""
+    error = None
+    if is_main_process():
+        try:
+            fn()
+        except RunDirError as err:
+            error = (type(err) is WriteError, str(err))
+    error = _broadcast(error)
+    if error:
+        raise (WriteError if error[0] else RunDirError)(error[1])
+
+
+def _entries(path: Path) -> list[Path]:
+    """The directory's contents other than the lock file (a directory holding only `.lock` is empty)."""
+    return [p for p in path.iterdir() if p.name != LOCK] if path.is_dir() else []
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` via a temporary file in the same directory and `os.replace`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise _write_error(path, err) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -67,9 +123,9 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        raise _write_error(path, err) from None
 
 
 def _json(obj) -> str:
@@ -88,45 +144,88 @@ def _jsonable(value):
 
 
 class RunDir:
-    """Reads and writes one run directory (see the module docstring for the layout)."""
+    """Reads and writes one run directory (see the module docstring for the layout).
+
+    A writer holds the directory's lock (`create`, `open(lock=True)` or `lock()`) until `unlock()`
+    or its process ends; a reader (`RunDir(path)`) takes none.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._lock, self._locked = RunLock(self.path), False
 
     # ----------------------------------------------------------------------------- opening
     @classmethod
     def create(cls, path: str | Path, overwrite: bool = False) -> "RunDir":
-        """A fresh run directory; an existing non-empty one is an error unless `overwrite`.
+        """A fresh run directory, locked; an existing non-empty one is an error unless `overwrite`.
 
         `overwrite` only ever deletes a directory that holds a run (config.yaml or state.json), never
-        an arbitrary folder.
+        an arbitrary folder, and never one another process is writing.
         """
         path = Path(path)
+        cls.check_new(path, overwrite)
+        _barrier()  # several processes: every rank has checked the directory before rank 0 changes it
+        if is_main_process():
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise _write_error(path, err, "nothing was changed") from None
+        rd = cls(path).lock()
+        try:
+            # again under the lock: another writer may have filled or claimed it since the first check
+            _on_main(lambda: (cls.check_new(path, overwrite, probe=False), rd._clear()))
+        except BaseException:
+            rd.unlock()
+            raise
+        _barrier()  # ... and sees it created
+        return rd
+
+    @staticmethod
+    def check_new(path: Path, overwrite: bool, probe: bool = True) -> None:
+        """RunDirError when `create(path, overwrite)` would refuse (nothing is changed).
+
+        `probe`: first ask whether another process holds the lock (not when this one does).
+        """
         if path.exists() and not path.is_dir():
             raise RunDirError(f"{path} exists and is not a directory")
-        if path.is_dir() and any(path.iterdir()):
+        if _entries(path):
+            if probe:
+                RunLock(path).probe()  # a run in progress: say so (and who), rather than "already exists"
             if not overwrite:
                 raise RunDirError(f"run directory {path} already exists; use --resume {path} to continue it "
                                   f"or --overwrite to replace it")
-            if not cls.is_run_dir(path):
+            if not RunDir.is_run_dir(path):
                 raise RunDirError(f"refusing to overwrite {path}: not empty and not a migu run directory")
-        _barrier()  # several processes: every rank has checked the directory before rank 0 changes it
-        if path.is_dir() and any(path.iterdir()) and is_main_process():
-            shutil.rmtree(path)
-        if is_main_process():
-            path.mkdir(parents=True, exist_ok=True)
-        _barrier()  # ... and sees it created
-        return cls(path)
+
+    def _clear(self) -> None:
+        """Delete the directory's contents but the lock (held by this process) — an --overwrite."""
+        for entry in _entries(self.path):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
     @classmethod
-    def open(cls, path: str | Path) -> "RunDir":
-        """An existing run directory (for --resume)."""
+    def open(cls, path: str | Path, lock: bool = False) -> "RunDir":
+        """An existing run directory (for --resume); `lock`: as its writer (RunDirError if one is running)."""
         path = Path(path)
         if not path.is_dir():
             raise RunDirError(f"cannot resume {path}: no such directory")
         if not (path / CONFIG).is_file():
             raise RunDirError(f"cannot resume {path}: not a migu run directory (no {CONFIG})")
-        return cls(path)
+        rd = cls(path)
+        return rd.lock() if lock else rd
+
+    def lock(self) -> "RunDir":
+        """Become the directory's one writer (rank 0 locks; every rank gets its error). Returns self."""
+        if not self._locked:  # the same answer on every rank (only rank 0 holds the OS lock): one collective
+            _on_main(self._lock.acquire)
+            self._locked = True
+        return self
+
+    def unlock(self) -> None:
+        self._lock.release()
+        self._locked = False
 
     @staticmethod
     def is_run_dir(path: str | Path) -> bool:
@@ -182,8 +281,11 @@ class RunDir:
         """Append one record to metrics.jsonl (flushed, so a kill loses at most the line being written)."""
         if not is_main_process():
             return
-        with open(self.path / METRICS, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, default=_jsonable) + "\n")
+        try:
+            with open(self.path / METRICS, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, default=_jsonable) + "\n")
+        except OSError as err:  # a cut line is skipped by readers and dropped by --resume
+            raise _write_error(self.path / METRICS, err, "the records before it are intact") from None
 
     def read_metrics(self) -> list[dict]:
         return read_jsonl(self.path / METRICS)
@@ -194,44 +296,87 @@ class RunDir:
         self.write_text(METRICS, "".join(json.dumps(r, default=_jsonable) + "\n" for r in records))
 
     # ----------------------------------------------------------------------------- checkpoints
-    def save_checkpoint(self, tensors: dict[str, torch.Tensor], method_state: dict, meta: dict) -> None:
-        """Write checkpoints/last atomically: a temporary directory, then renames.
+    def save_checkpoint(self, tensors: dict[str, torch.Tensor], method_state: dict, meta: dict,
+                        training: Optional[dict] = None) -> None:
+        """Write checkpoints/last atomically; the former `last` becomes `previous` (older ones are deleted).
 
-        A kill between the two renames leaves `last.old`, which `load_checkpoint` falls back to.
+        The files go to a temporary directory first (fsynced, sizes and sha256 in meta.json), then two
+        renames: `last` → `previous`, temporary → `last`. A kill between them leaves only `previous`,
+        which `load_latest` falls back to; a failed write (`WriteError`) leaves both untouched.
+        `training`: the optimizer / RNG state of a step checkpoint (training.pt), None between tasks.
         """
         if not is_main_process():
             return
         from safetensors.torch import save_file
 
         last = self.path / CHECKPOINT
-        last.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=last.parent, prefix=".last."))
         try:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "params.safetensors"))
-            torch.save(method_state, tmp / "method.pt")
-            (tmp / "meta.json").write_text(_json(meta), encoding="utf-8")
-            old = last.with_name("last.old")
-            if old.exists():
-                shutil.rmtree(old)
+            last.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=last.parent, prefix=".last."))
+        except OSError as err:
+            raise _write_error(last, err, "the previous checkpoint is intact") from None
+        target = tmp
+        try:
+            files = {}
+            target = tmp / "params.safetensors"
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(target))
+            files[target.name] = digest(target)
+            for name, obj in (("method.pt", method_state), ("training.pt", training)):
+                if obj is None:
+                    continue
+                target = tmp / name
+                with open(target, "wb") as f:  # through a Python file: a failed write surfaces as OSError
+                    torch.save(obj, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                files[name] = digest(target)
+            target = tmp / "meta.json"
+            with open(target, "w", encoding="utf-8") as f:
+                f.write(_json({**meta, "files": files}))
+                f.flush()
+                os.fsync(f.fileno())
+            fsync_dir(tmp)
+            target = last
+            previous = self.path / PREVIOUS
             if last.exists():
-                os.replace(last, old)
+                if previous.exists():  # renamed away first: deleting in place is not atomic
+                    os.replace(previous, Path(tempfile.mkdtemp(dir=last.parent, prefix=".last.")) / "old")
+                os.replace(last, previous)
             os.replace(tmp, last)
-            shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
+            fsync_dir(last.parent)
+        except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            named = last / target.name if target.parent == tmp else target  # the file as the user knows it
+            raise _write_error(named, err,
+                               f"the previous checkpoint and summary are intact; free space (or raise the "
+                               f"file-size limit) and continue with: migu run --resume {self.path}") from None
+        finally:
+            self.clean_temporaries()  # the previous `previous`, moved aside above
 
     def load_checkpoint(self) -> Optional[tuple[dict[str, torch.Tensor], dict, dict]]:
-        """`(tensors, method_state, meta)` of checkpoints/last (or last.old after an interrupted save), or None."""
-        from safetensors.torch import load_file
+        """`(tensors, method_state, meta)` of the newest intact checkpoint (see `load_latest`), or None."""
+        ckpt = self.load_latest()
+        return None if ckpt is None else (ckpt.tensors, ckpt.method_state, ckpt.meta)
 
-        last = self.path / CHECKPOINT
-        for candidate in (last, last.with_name("last.old")):
-            if (candidate / "meta.json").is_file():
-                tensors = load_file(str(candidate / "params.safetensors"))
-                method_state = torch.load(candidate / "method.pt", weights_only=True)
-                meta = json.loads((candidate / "meta.json").read_text(encoding="utf-8"))
-                return tensors, method_state, meta
+    def load_latest(self, training: bool = False) -> Optional["Checkpoint"]:
+        """The newest checkpoint whose files all match meta.json: `last`, else `previous`; None if none exists.
+
+        Every damaged file passed over is named in `Checkpoint.damaged`; when every checkpoint present
+        is damaged a RunDirError names them (garbage is never loaded). `training`: also load
+        training.pt (optimizer and RNG states of a step checkpoint).
+        """
+        damaged = []
+        for rel in (CHECKPOINT, PREVIOUS, LEGACY):
+            where = self.path / rel
+            if not where.is_dir():
+                continue
+            try:
+                return Checkpoint(*load_verified(where, training), where=where, damaged=damaged)
+            except Damaged as err:
+                damaged.append(f"{_relative(where / err.file, self.path)} {err.why}")
+        if damaged:
+            raise RunDirError(f"{self.path}: no intact checkpoint to resume from: {'; '.join(damaged)}; "
+                              f"start again with --overwrite")
         return None
 
     def clean_temporaries(self) -> None:
@@ -243,6 +388,13 @@ class RunDir:
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 tmp.unlink(missing_ok=True)
+
+
+def _relative(path: Path, root: Path) -> Path:
+    try:
+        return root / Path(path).relative_to(root)
+    except ValueError:
+        return Path(path)
 
 
 def read_jsonl(path: Path) -> list:

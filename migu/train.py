@@ -14,7 +14,9 @@ micro-batches give the same gradient as one batch of their union.
 
 Resume is exact: a checkpoint holds the trained parameters, the method's state and the rows so far;
 every phase reseeds torch/random/numpy from (seed, phase) and builds a fresh optimizer, so a resumed
-run repeats the uninterrupted one bit for bit (on the same machine and thread count).
+run repeats the uninterrupted one bit for bit (on the same machine and thread count). Step checkpoints
+inside a phase (`train.save_every_steps` / `save_every_minutes`, or a SIGTERM/SIGINT) also hold the
+optimizer, RNG states and the position in the phase's plan (migu/preemption.py).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from migu import distributed
+from migu import distributed, preemption
 from migu.config import ConfigError, RunConfig, to_yaml
 from migu.data import IGNORE_INDEX, collate, length_grouped_batches
 from migu.masking import phase_migu, token_masker
@@ -295,20 +297,23 @@ def _run(cfg: RunConfig, *, resume: bool, overwrite: bool, output_dir: Optional[
     path = Path(output_dir or cfg.output_dir or cfg.default_output_dir())
     if cfg.compare_migu:
         return run_comparison(cfg, path, resume=resume, overwrite=overwrite, quiet=quiet)
+    rd = None
     if resume:
-        rd = RunDir.open(path)  # fail early, before loading data and model
+        rd = RunDir.open(path, lock=True)  # fail early, before loading data and model (also: another writer)
         state, summary = rd.read_state(), rd.read_summary()
         if state and state.get("status") == "done" and summary is not None:
+            rd.unlock()
             return summary  # finished: nothing to resume
-    elif path.is_dir() and any(path.iterdir()) and not overwrite:
-        RunDir.create(path, overwrite=False)  # raises the "already exists" error
-    return _Run(cfg, path, resume, overwrite, quiet, r0).execute()
+    else:
+        RunDir.check_new(path, overwrite)  # "already exists", "in use", before loading anything
+    return _Run(cfg, path, resume, overwrite, quiet, r0, rundir=rd).execute()
 
 
 class _Run:
     def __init__(self, cfg: RunConfig, path: Path, resume: bool, overwrite: bool, quiet: bool, r0,
-                 preloaded: Optional[tuple] = None):
+                 preloaded: Optional[tuple] = None, rundir: Optional[RunDir] = None):
         self.cfg, self.path, self.resume, self.overwrite, self.r0 = cfg, path, resume, overwrite, r0
+        self.rd = rundir  # resume: already opened and locked by the caller
         self.preloaded = preloaded  # (model, tokenizer) already loaded by the caller, used instead of loading
         self.out = _Printer(quiet or not distributed.is_main_process())  # rank 0 prints, every rank trains
 
@@ -342,7 +347,7 @@ class _Run:
         distributed.prepare_model(self.model, self.device, cfg.train.gradient_checkpointing)
         self.model.train()
         if self.resume:
-            self.rd = RunDir.open(self.path)
+            self.rd = (self.rd or RunDir.open(self.path)).lock()  # the one writer until the run ends
             self.rd.clean_temporaries()
         else:
             self.rd = RunDir.create(self.path, overwrite=self.overwrite)
@@ -366,31 +371,48 @@ class _Run:
             raise RunDirError(f"{self.path}: its tasks {state['tasks']} differ from the config's {self.task_names}")
         finished, rows, elapsed = 0, [], float(state.get("elapsed_s", 0.0))
         r0 = state.get("r0")
-        ckpt = self.rd.load_checkpoint() if self.resume else None
+        ckpt = self.rd.load_latest(training=True) if self.resume else None  # verified; damaged → the previous
+        done = 0  # optimizer steps of phase `finished` already in a step checkpoint
         if ckpt is not None:
-            tensors, method_state, meta = ckpt
+            tensors, method_state, meta = ckpt.tensors, ckpt.method_state, ckpt.meta
+            for note in ckpt.damaged:
+                self.out.line(f"{note}: resuming from {ckpt.where} instead")
             self.method.load_state_dict(method_state)  # before the weights: it may recreate adapters
-            _load_parameters(self.model, tensors, self.path / "checkpoints" / "last")
+            _load_parameters(self.model, tensors, ckpt.where)
             finished, rows, r0 = meta["finished_tasks"], meta["rows"], meta.get("r0", r0)
             elapsed = float(meta.get("elapsed_s", elapsed))
+            if meta.get("step"):
+                self.step_ckpt, done = ckpt, meta["step"]["step"]  # inside phase `finished`: see _train_phase
         elif self.resume and state.get("finished_tasks"):
             self.out.line(f"{self.path}: no checkpoint (train.checkpoint false?); restarting from the first task")
-        # drop records of work the kill lost: phases not checkpointed, an r0 evaluation not saved
-        self.rd.keep_metrics(lambda r: r.get("stage", 0) < finished and (r.get("stage", 0) >= 0 or r0 is not None))
+
+        def kept(r):  # drop records of work the kill lost: steps and phases not checkpointed, an unsaved r0
+            stage = r.get("stage", 0)
+            if stage == finished and r.get("type") == "train":
+                return r.get("step", 0) <= done
+            return stage < finished and (stage >= 0 or r0 is not None)
+
+        self.rd.keep_metrics(kept)
         return finished, r0, rows, elapsed
 
     # --------------------------------------------------------------------------------- the run
     def execute(self) -> dict:
         threads = torch.get_num_threads()
         try:
-            return self._execute()
+            with preemption.StopSignals(self.out.quiet) as self.signals:
+                return self._execute()
         finally:
             torch.set_num_threads(threads)  # a library call must not change the caller's setting
+            if self.rd is not None:
+                self.rd.unlock()
 
     def _execute(self) -> dict:
+        self.step_ckpt = None
         self._setup()
         started = time.time()
         finished, r0, rows, elapsed = self._restore() if self.resume else (0, None, [], 0.0)
+        self.schedule = preemption.StepSchedule(self.cfg.train.save_every_steps, self.cfg.train.save_every_minutes,
+                                                self.signals)
         row_names = [name for name, _ in self.phases]
         if r0 is None and self.r0 is not None:
             r0 = list(self.r0)
@@ -400,17 +422,26 @@ class _Run:
         if r0 is None and self.cfg.eval.untrained:
             r0 = self._evaluate(-1, "untrained")
         self._save_state(finished, r0, rows, elapsed + time.time() - started, "running")
-        for index in range(finished, len(self.phases)):
-            name, phase_tasks = self.phases[index]
-            self._train_phase(index, name, phase_tasks)
-            rows.append(self._evaluate(index, name))
-            total = elapsed + time.time() - started
-            if self.cfg.train.checkpoint:
-                tensors = _saved_parameters(self.model, self.base_ids)
-                self.rd.save_checkpoint(tensors, self.method.state_dict(), {
-                    "finished_tasks": index + 1, "rows": rows, "r0": r0, "row_names": row_names[:index + 1],
-                    "elapsed_s": total})
-            self._save_state(index + 1, r0, rows, total, "running")
+        self.progress = (r0, rows, elapsed, started)  # what a step checkpoint records besides the training state
+        try:
+            for index in range(finished, len(self.phases)):
+                name, phase_tasks = self.phases[index]
+                self._train_phase(index, name, phase_tasks)
+                rows.append(self._evaluate(index, name))
+                total = elapsed + time.time() - started
+                if self.cfg.train.checkpoint:
+                    tensors = _saved_parameters(self.model, self.base_ids)
+                    self.rd.save_checkpoint(tensors, self.method.state_dict(), {
+                        "finished_tasks": index + 1, "rows": rows, "r0": r0, "row_names": row_names[:index + 1],
+                        "elapsed_s": total})
+                self._save_state(index + 1, r0, rows, total, "running")
+                signum = self.schedule.stop_requested()  # a signal during evaluation: stop at this boundary
+                if signum is not None and index + 1 < len(self.phases):
+                    raise preemption.Interrupted(signum, f"after task {index + 1}/{len(self.phases)} ({name})",
+                                                 self.cfg.train.checkpoint)
+        except preemption.Interrupted:
+            self._save_state(len(rows), r0, rows, elapsed + time.time() - started, "interrupted")
+            raise
         total = elapsed + time.time() - started
         summary = self._summary(r0, rows, total)
         self.rd.write_summary(summary)
@@ -443,12 +474,18 @@ class _Run:
         step, losses, t0 = 0, [], time.time()
         bar = self.out.bar(n_steps, f"train {index + 1}/{len(self.phases)} {name}")
         runner = distributed.StepRunner(model, self.device, cfg.train.precision)  # DDP-wrapped when WORLD_SIZE > 1
+        done, losses, rng = self._resume_in_phase(optimizer, runner)  # reliability: a step checkpoint's position
         try:
             for epoch, plan in enumerate(plans):
                 for micro in plan:
                     step += 1
                     # every rank mixes the whole planned step, then runs its share of the rows
                     mixed = [method.mix_batch([items[i] for i in ix], step) for ix in micro]
+                    if step <= done:  # reliability: trained before the step checkpoint; mix_batch replayed for its RNG
+                        if step == done:
+                            preemption.restore_my_rng(rng)
+                        bar.update(1)
+                        continue
                     total = sum(_answer_tokens(item) for mb in mixed for item in mb)
                     shards, placeholder = runner.shard(mixed, cfg.train.batch_size)
                     batches = [runner.to_device(collate(mb, pad)) for mb in shards]
@@ -480,6 +517,7 @@ class _Run:
                     losses.append(loss)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.3f}")
+                    self._after_step(index, name, epoch, step, n_steps, losses, optimizer, runner)  # reliability
         finally:
             bar.close()
             runner.close()
@@ -489,6 +527,43 @@ class _Run:
         mean = sum(losses) / max(1, len(losses))
         self.out.line(f"trained {name} ({index + 1}/{len(self.phases)}): {step} steps, mean loss {mean:.4f}, "
                       f"{time.time() - t0:.0f}s")
+
+    # --------------------------------------------------------------------------------- reliability
+    def _resume_in_phase(self, optimizer, runner) -> tuple[int, list, Optional[list]]:
+        """(steps done, their losses, RNG states) from a step checkpoint of this phase, else (0, [], None).
+
+        Restores the method state and parameters again (before_task ran on the mid-phase weights, e.g. EWC's
+        anchor), the optimizer and the fp16 loss scaler; the RNG states are restored at the last skipped step.
+        """
+        ckpt, self.step_ckpt = self.step_ckpt, None
+        if ckpt is None:
+            return 0, [], None
+        self.method.load_state_dict(ckpt.method_state)
+        _load_parameters(self.model, ckpt.tensors, ckpt.where)
+        optimizer.load_state_dict(ckpt.training["optimizer"])
+        if runner.scaler is not None and ckpt.training.get("scaler"):
+            runner.scaler.load_state_dict(ckpt.training["scaler"])
+        position = ckpt.meta["step"]
+        self.out.line(f"resuming task {position['phase'] + 1}/{len(self.phases)} after step {position['step']}")
+        return position["step"], list(position["losses"]), ckpt.training["rng"]
+
+    def _after_step(self, index, name, epoch, step, n_steps, losses, optimizer, runner) -> None:
+        """A step checkpoint when one is due (train.save_every_*, a stop signal); stop on a signal."""
+        save, signum = self.schedule.after_step(step)
+        if not save:
+            return
+        if self.cfg.train.checkpoint:
+            r0, rows, elapsed, started = self.progress
+            training = {"optimizer": optimizer.state_dict(), "rng": preemption.all_rng_states(),
+                        "scaler": runner.scaler.state_dict() if runner.scaler is not None else None}
+            self.rd.save_checkpoint(_saved_parameters(self.model, self.base_ids), self.method.state_dict(), {
+                "finished_tasks": index, "rows": rows, "r0": r0, "row_names": [n for n, _ in self.phases][:index],
+                "elapsed_s": elapsed + time.time() - started,
+                "step": {"phase": index, "epoch": epoch, "step": step, "losses": losses}}, training)
+            self.schedule.saved()
+        if signum is not None:
+            raise preemption.Interrupted(signum, f"after step {step}/{n_steps} of task {index + 1}/{len(self.phases)} "
+                                                 f"({name})", self.cfg.train.checkpoint)
 
     def _columns(self, stage: int) -> set[int]:
         """The matrix columns evaluated after phase `stage` (-1: the untrained model); see eval.matrix."""
@@ -555,36 +630,38 @@ def run_comparison(cfg: RunConfig, path: Path, *, resume: bool = False, overwrit
     """
     preloaded = None
     if resume:
-        parent = RunDir.open(path)
+        parent = RunDir.open(path, lock=True)  # the parent is written too: one comparison at a time
     else:
-        if path.is_dir() and any(path.iterdir()) and not overwrite:
-            RunDir.create(path, overwrite=False)
+        RunDir.check_new(path, overwrite)
         # bad data or a bad model fails here, before anything is deleted; the model goes to the first run
         load_tasks(cfg)
         preloaded = load_model_and_tokenizer(cfg.model.name)
         parent = RunDir.create(path, overwrite=overwrite)
         parent.write_config(to_yaml(_absolute_paths(dataclasses.replace(cfg, output_dir=str(path))), provenance()))
-    summaries, r0 = {}, None
-    for sub, enabled in zip(COMPARE_RUNS, (False, True)):
-        distributed.barrier()  # every rank reads the sub-run's state before rank 0 writes it
-        sub_cfg = dataclasses.replace(cfg, compare_migu=False, output_dir=str(path / sub),
-                                      migu=dataclasses.replace(cfg.migu, enabled=enabled))
-        rd = RunDir(path / sub)
-        state = rd.read_state() if RunDir.is_run_dir(rd.path) else None
-        if state is not None and state.get("status") == "done" and rd.read_summary() is not None:
-            summaries[sub] = rd.read_summary()
-        else:
-            if not quiet:
-                tqdm.write(f"== {sub}: {path / sub}", file=sys.stderr)
-            resume_sub = RunDir.is_run_dir(rd.path)
-            summaries[sub] = _Run(sub_cfg, rd.path, resume_sub, False, quiet, r0,
-                                  preloaded=None if resume_sub else preloaded).execute()
-            preloaded = None  # the first run trained it
-        r0 = r0 or summaries[sub].get("r0")
-    result = {"runs": summaries, "path": str(path)}
-    keys = get_scenario(cfg).metric_keys + ("wall_time_s",)
-    parent.write_json("comparison.json", {k: {m: v.get(m) for m in keys}
-                                          for k, v in summaries.items()})
+    try:
+        summaries, r0 = {}, None
+        for sub, enabled in zip(COMPARE_RUNS, (False, True)):
+            distributed.barrier()  # every rank reads the sub-run's state before rank 0 writes it
+            sub_cfg = dataclasses.replace(cfg, compare_migu=False, output_dir=str(path / sub),
+                                          migu=dataclasses.replace(cfg.migu, enabled=enabled))
+            rd = RunDir(path / sub)
+            state = rd.read_state() if RunDir.is_run_dir(rd.path) else None
+            if state is not None and state.get("status") == "done" and rd.read_summary() is not None:
+                summaries[sub] = rd.read_summary()
+            else:
+                if not quiet:
+                    tqdm.write(f"== {sub}: {path / sub}", file=sys.stderr)
+                resume_sub = RunDir.is_run_dir(rd.path)
+                summaries[sub] = _Run(sub_cfg, rd.path, resume_sub, False, quiet, r0,
+                                      preloaded=None if resume_sub else preloaded).execute()
+                preloaded = None  # the first run trained it
+            r0 = r0 or summaries[sub].get("r0")
+        result = {"runs": summaries, "path": str(path)}
+        keys = get_scenario(cfg).metric_keys + ("wall_time_s",)
+        parent.write_json("comparison.json", {k: {m: v.get(m) for m in keys}
+                                              for k, v in summaries.items()})
+    finally:
+        parent.unlock()
     return result
 
 

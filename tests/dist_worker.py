@@ -6,6 +6,8 @@ Test-only hooks, set through the environment (the library has none):
     MIGU_TEST_DUMP=DIR        after every phase, each rank saves its trainable parameters to
                               DIR/rank<R>_phase<I>.pt (to compare the replicas bit for bit)
     MIGU_TEST_KILL=RANK:STEP  that rank SIGKILLs itself after its STEP-th optimizer step of the run
+    MIGU_TEST_TERM=RANK:STEP  that rank sends itself SIGTERM in its STEP-th optimizer step (a preemption
+                              seen by one process only)
 """
 
 import os
@@ -42,6 +44,19 @@ if kill and int(kill.split(":")[0]) == rank:
         real_after_step(self, step)
 
     Method.after_step = after_step
+
+term = os.environ.get("MIGU_TEST_TERM")
+if term and int(term.split(":")[0]) == rank:
+    term_at, term_seen = int(term.split(":")[1]), {"n": 0}
+    term_after_step = Method.after_step
+
+    def after_step_term(self, step):
+        term_seen["n"] += 1
+        if term_seen["n"] == term_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        term_after_step(self, step)
+
+    Method.after_step = after_step_term
 
 from migu.cli import main  # noqa: E402
 

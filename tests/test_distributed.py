@@ -162,6 +162,38 @@ def test_a_two_process_run_resumes_in_one_process(killed, single):
     _assert_same_training(killed["copy"], single)
 
 
+@pytest.mark.distributed
+def test_sigterm_on_one_rank_stops_both_after_the_same_step_and_resumes_exactly(setup, single):
+    """Issue 20: the stop is agreed by every rank; only rank 0 holds the run directory's lock."""
+    from migu.cli import main
+
+    root, model, stream = setup
+    out = root / "term"
+    config = tiny_yaml(root / "term.yaml", model, stream, out, **SETTINGS)
+    port, procs, logs = str(_free_port()), [], []
+    for r in (0, 1):
+        env = _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                   MIGU_TEST_TERM="1:3")  # rank 1 alone, in the first step of task 2
+        logs.append(open(root / f"term{r}.log", "w+"))
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), "run", str(config), "--quiet"], env=env,
+                                      stdout=logs[-1], stderr=subprocess.STDOUT))
+    codes = [p.wait(timeout=240) for p in procs]
+    texts = []
+    for log in logs:
+        log.seek(0)
+        texts.append(log.read())
+        log.close()
+    assert codes == [143, 143], texts
+    assert f"interrupted by SIGTERM after step 1/2 of task 2/3 (animals); checkpoint written; continue with: " \
+           f"migu run --resume {out}" in texts[0] and "Traceback" not in texts[0] + texts[1]
+    assert (out / ".lock").read_text().startswith(f"pid {procs[0].pid} ")  # rank 0 was the writer
+    assert json.loads((out / "state.json").read_text())["status"] == "interrupted"
+    meta = json.loads((out / "checkpoints" / "last" / "meta.json").read_text())
+    assert meta["step"]["phase"] == 1 and meta["step"]["step"] == 1
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0  # one process continues the two-process run
+    _assert_same_training(out, single)
+
+
 # ------------------------------------------------------------------------------------------ sharding rules
 def _items(lengths):
     return [{"input_ids": [7] * n, "labels": [IGNORE_INDEX] * (n - 2) + [5, 6]} for n in lengths]

@@ -77,8 +77,8 @@ def test_run_writes_the_run_directory(tmp_path, tiny_llama_dir, stream):
     out = tmp_path / "run"
     summary = run(tiny_config(tiny_llama_dir, stream, out), quiet=True)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["accuracy_matrix.csv", "checkpoints", "config.yaml", "metrics.jsonl", "state.json", "summary.json"])
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last"]
+        [".lock", "accuracy_matrix.csv", "checkpoints", "config.yaml", "metrics.jsonl", "state.json", "summary.json"])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last", "previous"]
     assert sorted(p.name for p in (out / "checkpoints" / "last").iterdir()) == [
         "meta.json", "method.pt", "params.safetensors"]
     lines = (out / "accuracy_matrix.csv").read_text().splitlines()
@@ -170,7 +170,7 @@ elif where == "checkpoint":  # SIGKILL inside the second checkpoint write, betwe
     seen = {"n": 0}
     def replace(src, dst):
         real(src, dst)
-        if str(dst).endswith("last.old"):
+        if str(dst).endswith("previous"):
             os.kill(os.getpid(), signal.SIGKILL)
     os.replace = replace
 from migu.cli import main
@@ -195,12 +195,12 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_llama_dir, str
     state = json.loads((out / "state.json").read_text())
     assert state["status"] == "running" and state["finished_tasks"] == 1
     if where == "checkpoint":
-        assert (out / "checkpoints" / "last.old").is_dir() and not (out / "checkpoints" / "last").exists()
+        assert (out / "checkpoints" / "previous").is_dir() and not (out / "checkpoints" / "last").exists()
     assert main(["run", "--resume", str(out), "--quiet"]) == 0
     assert final_rows(out) == final_rows(ref)
     assert train_losses(out) == train_losses(ref)
     assert (out / "accuracy_matrix.csv").read_text() == (ref / "accuracy_matrix.csv").read_text()
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last", "previous"]
 
 
 def test_existing_run_dir_is_not_overwritten(tmp_path, tiny_llama_dir, stream):
@@ -283,7 +283,7 @@ def test_compare_migu_runs_both_and_shares_r0(tmp_path, tiny_llama_dir):
     stream = write_stream(tmp_path / "data", tasks={"colors": ["red", "blue"], "moods": ["happy", "sad"]})
     out = tmp_path / "cmp"
     result = run(tiny_config(tiny_llama_dir, stream, out, compare_migu=True), quiet=True)
-    assert sorted(p.name for p in out.iterdir()) == ["comparison.json", "config.yaml", "migu", "no-migu"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "comparison.json", "config.yaml", "migu", "no-migu"]
     no, yes = result["runs"]["no-migu"], result["runs"]["migu"]
     assert no["migu"]["enabled"] is False and yes["migu"]["enabled"] is True
     assert no["r0"] == yes["r0"]

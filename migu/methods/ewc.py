@@ -113,7 +113,14 @@ class EWC(SeqFT):
             self.fisher[n] = self.options.gamma * self.fisher[n] + f if n in self.fisher else f
 
     def state_dict(self):
-        return {"fisher": self.fisher}
+        # the anchor too: a step checkpoint resumes inside a task, where before_task would take the
+        # mid-task weights as the anchor
+        return {"fisher": self.fisher, "anchor": self.anchor}
 
     def load_state_dict(self, state):
-        self.fisher = dict(state.get("fisher", {}))
+        def on_device(tensors):  # next to the parameters when before_task already ran (a mid-task resume)
+            return {n: t.to(self.params[n].device) if n in self.params else t for n, t in tensors.items()}
+
+        self.fisher = on_device(dict(state.get("fisher", {})))
+        if "anchor" in state:
+            self.anchor = on_device(dict(state["anchor"]))
