@@ -205,7 +205,8 @@ def test_kill_9_between_step_checkpoints_then_resume_matches(tmp_path, tiny_llam
 
 @pytest.mark.parametrize("method, extra", [
     ("i-lora", {"train.lr": 1e-2}),  # LoRA dropout (torch RNG), replay sampling (method RNG), EMA step count
-    ("replay", {"method.replay.buffer_size": 4}),
+    ("replay", {"method.replay.mix": "batch", "method.replay.buffer_size": 4}),  # per-batch reservoir sampling
+    ("replay", {"method.replay.ratio": 0.25}),  # the paper's form: stored items appended to the task's data
     ("ewc", {"method.ewc.lam": 1000.0}),  # the anchor must survive a mid-task resume
 ])
 def test_methods_resume_mid_task_exactly(tmp_path, tiny_llama_dir, stream, monkeypatch, method, extra):
