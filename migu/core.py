@@ -70,6 +70,7 @@ class _Unit:
     frozen: list = field(default_factory=list)  # "update" mode: (param, dim, index, saved rows)
     kept_positions: bool = False  # the LM head: its output covers only the positions whose logits are kept
     counted_in: int = -1  # the model forward whose output this unit last counted (checkpoint recomputation)
+    decoder: bool = False  # encoder-decoder models: a decoder layer, counted with the decoder's token mask
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -175,8 +176,8 @@ class MIGU:
         self.include_lm_head = bool(include_lm_head)
         self.lora_b = lora_b
         self.enabled = True
-        self._explicit_mask: torch.Tensor | None = None
-        self._auto_mask: torch.Tensor | None = None
+        self._explicit_mask: dict[bool, torch.Tensor | None] = {False: None, True: None}  # key: decoder side
+        self._auto_mask: dict[bool, torch.Tensor | None] = {False: None, True: None}
         self._logits_to_keep = None
         self._forward_id = 0
         self._force_observe = False
@@ -188,6 +189,10 @@ class MIGU:
                 f"MIGU found no trainable nn.Linear / Conv1D / LoRA layer to target in {type(model).__name__}"
                 f" (target_modules={target_modules!r})"
             )
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            # encoder and decoder sequences have their own lengths and masks; a matching shape is no proof
+            for unit in self.units:
+                unit.decoder = unit.kept_positions or "decoder" in unit.name.split(".")
         self._handles = [model.register_forward_pre_hook(self._capture_mask, with_kwargs=True)]
         for unit in self.units:
             self._handles.append(unit.module.register_forward_hook(self._make_hook(unit)))
@@ -292,8 +297,9 @@ class MIGU:
     def _capture_mask(self, module, args, kwargs):
         if not (torch.is_grad_enabled() or self._force_observe):
             return  # an evaluation or teacher pass (I-LoRA's slow adapter) must not replace the training mask
-        mask = kwargs.get("attention_mask")
-        self._auto_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        for decoder, key in ((False, "attention_mask"), (True, "decoder_attention_mask")):
+            mask = kwargs.get(key)
+            self._auto_mask[decoder] = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         self._logits_to_keep = kwargs.get("logits_to_keep")
         self._forward_id += 1
 
@@ -308,9 +314,13 @@ class MIGU:
             return mask[:, keep.to(mask.device)]
         return mask
 
-    def set_token_mask(self, mask: torch.Tensor | None) -> None:
-        """Use ``mask`` ([batch, length], nonzero = real token) for the following forward passes; None clears."""
-        self._explicit_mask = mask
+    def set_token_mask(self, mask: torch.Tensor | None, decoder: bool = False) -> None:
+        """Use ``mask`` ([batch, length], nonzero = real token) for the following forward passes; None clears.
+
+        Encoder-decoder models: ``decoder=True`` sets the decoder layers' mask (else the model forward's
+        ``decoder_attention_mask`` is used), ``False`` the encoder's (else ``attention_mask``).
+        """
+        self._explicit_mask[bool(decoder)] = mask
 
     @contextmanager
     def observe(self):
@@ -331,7 +341,8 @@ class MIGU:
             y = output[0] if isinstance(output, (tuple, list)) else output
             y = y.detach()
             flat = y.abs().reshape(-1, y.shape[-1])
-            mask = self._explicit_mask if self._explicit_mask is not None else self._auto_mask
+            side = unit.decoder
+            mask = self._explicit_mask[side] if self._explicit_mask[side] is not None else self._auto_mask[side]
             if unit.kept_positions:
                 mask = self._kept(mask)
             if mask is not None and tuple(mask.shape) == tuple(y.shape[:-1]):

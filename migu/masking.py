@@ -39,4 +39,8 @@ def token_masker(migu: Optional[MIGU], options) -> Optional[Callable[[dict], Non
     """For `tokens: answer`, a callback that sets each micro-batch's answer positions as MIGU's token mask."""
     if migu is None or options.tokens == "all":
         return None
+    if getattr(getattr(migu.model, "config", None), "is_encoder_decoder", False):
+        # every real decoder position predicts a target token (its decoder_attention_mask already says so);
+        # encoder layers see only the prompt and count its real tokens under either setting
+        return None
     return lambda batch: migu.set_token_mask(answer_positions(batch["labels"]))

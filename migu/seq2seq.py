@@ -36,8 +36,12 @@ def forward(model, batch: dict, call=None, **kwargs):
     `call` is what runs the forward (a DDP wrapper); `model` (unwrapped) gives the config.
     """
     call = call if call is not None else model
+    # the decoder's real positions are the ones that predict a target token (right padding: never attended
+    # by a real position, so the outputs are unchanged; MIGU reads this mask to skip decoder padding)
+    decoder_mask = (batch["labels"][:, 1:] != IGNORE_INDEX).long()
     return call(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                decoder_input_ids=decoder_input_ids(model, batch["labels"]), use_cache=False, **kwargs)
+                decoder_input_ids=decoder_input_ids(model, batch["labels"]), decoder_attention_mask=decoder_mask,
+                use_cache=False, **kwargs)
 
 
 def nll_sum(model, batch: dict, needs_hidden_states: bool = False, call=None):

@@ -514,10 +514,10 @@ def test_a_no_grad_pass_does_not_replace_the_captured_mask():
     model(torch.randn(1, 3, 3), attention_mask=m1)
     with torch.no_grad():  # e.g. I-LoRA's slow-adapter pass on a batch of another shape
         model(torch.randn(2, 5, 3), attention_mask=torch.ones(2, 5))
-    assert migu._auto_mask is m1
+    assert migu._auto_mask[False] is m1
     with torch.no_grad(), migu.observe():  # an observed pass is a measured forward: it captures
         model(torch.randn(2, 5, 3), attention_mask=torch.ones(2, 5))
-    assert migu._auto_mask.shape == (2, 5)
+    assert migu._auto_mask[False].shape == (2, 5)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

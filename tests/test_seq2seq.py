@@ -116,6 +116,33 @@ def test_rank_matches_hand_scores():
 
 
 # ------------------------------------------------------------------------------------------ targets
+def test_migu_counts_encoder_and_decoder_tokens_with_their_own_masks():
+    """Encoder layers count the real prompt tokens, decoder layers the real target positions, by hand."""
+    model, tok = tiny_model("t5")
+    items = encode_seq2seq(tok, _examples(), 64, 50)
+    batch = collate(items, tok.pad_token_id)
+    migu = MIGU(model, threshold=0.5)
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: seen.__setitem__(n, o.detach()))
+             for n, m in model.named_modules() if n in ("encoder.block.0.layer.1.DenseReluDense.wo",
+                                                        "decoder.block.1.layer.0.SelfAttention.q")]
+    step_loss(model, [batch])
+    for h in hooks:
+        h.remove()
+    units = {u.name: u for u in migu.units}
+    src = batch["attention_mask"].float()
+    tgt = (batch["labels"][:, 1:] != -100).float()
+    assert src.shape != tgt.shape and 0 < tgt.sum() < tgt.numel()  # decoder padding exists and must not count
+    for name, mask in (("encoder.block.0.layer.1.DenseReluDense.wo", src),
+                       ("decoder.block.1.layer.0.SelfAttention.q", tgt)):
+        y = seen[name].abs()
+        want = (y * mask.unsqueeze(-1)).sum((0, 1))
+        assert units[name].decoder == name.startswith("decoder")
+        assert float(units[name].count) == float(mask.sum())
+        torch.testing.assert_close(units[name].sum, want, rtol=1e-5, atol=1e-6)
+    migu.remove()
+
+
 def test_migu_default_targets_every_linear_of_the_t5_blocks():
     model, _ = tiny_model("t5")
     names = {u.name for u in MIGU(model, threshold=0.5).units}
