@@ -234,7 +234,7 @@ class MiguConfig:
     lora_b: str = "layer"
     """LoRA B rows ranked by `layer`: the whole layer output, base + LoRA (the paper's text); `own`: B's own output (the reference code; every row kept while it is all zero, e.g. B initialised to zero)."""
     tokens: str = "all"
-    """Tokens the magnitudes average over: `all` real (non-padding) tokens, prompt included; `answer`: only positions that predict an answer token."""
+    """Tokens the magnitudes average over: `all` real (non-padding) tokens, prompt included; `answer`: only positions that predict an answer token (encoder-decoder models: the decoder's real positions are exactly those; encoder layers count the prompt's real tokens either way)."""
 
     def validate(self) -> None:
         _check(0.0 <= self.threshold < 1.0, "migu.threshold", self.threshold, "must be in [0, 1)")
