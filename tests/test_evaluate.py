@@ -227,3 +227,25 @@ def test_rank_scores_every_label_after_the_same_prompt(tiny_llama):
     evaluate_task(Spy(len(tok), [0]), tok, task, mode="rank", max_length=48, prefix_cache=False)
     prompts = {text.rsplit("\nAnswer:", 1)[0] for text in seen}
     assert len(seen) == 2 and len(prompts) == 1
+
+
+@pytest.mark.slow
+def test_prefix_cache_on_the_embedded_model_fp32_equal_bf16_close():
+    """3 benchmark tasks × 40 test examples: fp32 predictions identical to naive generation; bf16 within 1 example."""
+    from migu.data import load_benchmark_task
+    from migu.distributed import autocast
+    from migu.models import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer("smollm2-135m")
+    tasks = [load_benchmark_task(None, name, 0, 40, 0) for name in ("dbpedia", "amazon", "SST-2")]
+    for task in tasks:
+        naive = evaluate_task(model, tok, task, max_length=128, n_samples=40, prefix_cache=False)
+        cached = evaluate_task(model, tok, task, max_length=128, n_samples=40)
+        assert cached.samples == naive.samples, task.name
+        with autocast(torch.device("cpu"), "bf16"):
+            bf16 = evaluate_task(model, tok, task, max_length=128, n_samples=40)
+        assert abs(bf16.correct - naive.correct) <= 1, (task.name, bf16.correct, naive.correct)
+    rank_task = tasks[2]
+    naive = evaluate_task(model, tok, rank_task, mode="rank", max_length=128, n_samples=40, prefix_cache=False)
+    cached = evaluate_task(model, tok, rank_task, mode="rank", max_length=128, n_samples=40)
+    assert cached.samples == naive.samples
