@@ -187,11 +187,11 @@ def test_prefix_cache_logits_equal_a_full_left_padded_forward(kind, request):
 @pytest.mark.parametrize("max_length", [200, 40])  # 40: truncation cuts into the shared header
 def test_prefix_cache_predictions_equal_the_naive_path(kind, max_length, request):
     model, tok = request.getfixturevalue(kind)
-    task = _news_task(12)
+    task = _news_task(8)
     for mode in ("generate", "rank"):
-        naive = evaluate_task(model, tok, task, mode=mode, batch_size=4, max_length=max_length, n_samples=12,
+        naive = evaluate_task(model, tok, task, mode=mode, batch_size=3, max_length=max_length, n_samples=8,
                               prefix_cache=False)
-        cached = evaluate_task(model, tok, task, mode=mode, batch_size=4, max_length=max_length, n_samples=12)
+        cached = evaluate_task(model, tok, task, mode=mode, batch_size=3, max_length=max_length, n_samples=8)
         assert cached.samples == naive.samples and cached.correct == naive.correct, mode
 
 
@@ -249,3 +249,21 @@ def test_prefix_cache_on_the_embedded_model_fp32_equal_bf16_close():
     naive = evaluate_task(model, tok, rank_task, mode="rank", max_length=128, n_samples=40, prefix_cache=False)
     cached = evaluate_task(model, tok, rank_task, mode="rank", max_length=128, n_samples=40)
     assert cached.samples == naive.samples
+
+
+def test_prefix_cache_on_a_peft_lora_model_equals_the_naive_path(tiny_llama):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = tiny_llama
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a non-zero adapter: the cached path must go through it
+    assert prefix_eval.cache_kwarg(model) is not None
+    task = _news_task(6)
+    for mode in ("generate", "rank"):
+        naive = evaluate_task(model, tok, task, mode=mode, batch_size=3, max_length=160, n_samples=6,
+                              prefix_cache=False)
+        assert evaluate_task(model, tok, task, mode=mode, batch_size=3, max_length=160, n_samples=6).samples \
+            == naive.samples, mode
