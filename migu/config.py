@@ -129,8 +129,8 @@ class TrainConfig:
     """Batch examples of similar length together (padding dominates CPU cost otherwise)."""
     checkpoint: bool = True
     """Write checkpoints/last after every task (needed by --resume); false also disables step checkpoints."""
-    precision: str = "fp32"
-    """`fp32`; `bf16`: autocast to bfloat16 (CPU, or a CUDA GPU with bf16); `fp16`: autocast + loss scaling, CUDA only. Weights, optimizer state and MIGU statistics stay float32."""
+    precision: str = "auto"
+    """`auto`: bf16 on a CUDA GPU with bfloat16 and on CPUs with bf16 kernels (AMX or AVX512-bf16), else fp32 (the resolved value is recorded in config.yaml and summary.json); `fp32`; `bf16`: autocast to bfloat16; `fp16`: autocast + loss scaling, CUDA only. Weights, optimizer state and MIGU statistics stay float32; evaluation runs under the same precision."""
     gradient_checkpointing: bool = False
     """Recompute block activations in backward instead of storing them (less memory, ~30% more compute); MIGU masks are unchanged."""
     device: str = "auto"
@@ -156,8 +156,8 @@ class TrainConfig:
         _check(self.max_grad_norm is None or self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm,
                "must be >= 0 or null")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
-        _check(self.precision in ("fp32", "bf16", "fp16"), "train.precision", self.precision,
-               "must be 'fp32', 'bf16' or 'fp16'")
+        _check(self.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", self.precision,
+               "must be 'auto', 'fp32', 'bf16' or 'fp16'")
         _check(self.device in ("auto", "cpu", "cuda"), "train.device", self.device, "must be 'auto', 'cpu' or 'cuda'")
         _check(self.engine in ENGINES, "train.engine", self.engine, "must be 'ddp', 'fsdp' or 'deepspeed'")
         _check(self.dist_timeout_s > 0, "train.dist_timeout_s", self.dist_timeout_s, "must be > 0")
@@ -201,6 +201,8 @@ class EvalConfig:
     """Examples per evaluation batch (sorted by length to limit padding)."""
     max_new_tokens: Optional[int] = None
     """Generation length; null: per task, the longest label's token count + 2."""
+    prefix_cache: bool = True
+    """Run each task's shared prompt prefix (task line, instruction, options) once per evaluation and reuse its key/value cache for every batch; false: every prompt from scratch (same predictions in fp32, slower)."""
     untrained: bool = True
     """Also evaluate the model before any training (row `untrained`, needed for FWT)."""
     matrix: str = "full"

@@ -43,7 +43,7 @@ import torch.distributed as dist
 __all__ = ["DistributedError", "session", "is_initialized", "rank", "world_size", "local_rank",
            "is_main_process", "resolve_device", "precision_problem", "barrier", "sum_over_ranks",
            "gather_objects", "check_replicas", "shard_rows", "StepRunner", "evaluate_sharded",
-           "combine_records", "autocast"]
+           "combine_records", "autocast", "resolve_precision", "cpu_has_bf16"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -93,6 +93,45 @@ def resolve_device(setting: str = "auto") -> torch.device:
     index = int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
+
+
+def cpu_has_bf16(flags: Optional[set] = None, mkldnn_bf16: Optional[bool] = None) -> bool:
+    """Whether this CPU runs bfloat16 matmuls natively: an AMX-bf16 or AVX512-bf16 flag and oneDNN's bf16 path.
+
+    On CPUs without those flags (AVX2, plain AVX-512) oneDNN emulates bf16 and autocast is slower than fp32.
+    `flags` (from /proc/cpuinfo) and `mkldnn_bf16` are read from the machine when None (tests pass them).
+    """
+    if flags is None:
+        flags = set()
+        with contextlib.suppress(OSError):
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("flags"):
+                        flags = set(line.split(":", 1)[1].split())
+                        break
+    if mkldnn_bf16 is None:
+        try:
+            mkldnn_bf16 = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            mkldnn_bf16 = False
+    return mkldnn_bf16 and bool({"amx_bf16", "avx512_bf16"} & set(flags))
+
+
+def resolve_precision(setting: str, device: torch.device, cuda_bf16: Optional[bool] = None,
+                      cpu_bf16: Optional[bool] = None) -> str:
+    """`train.precision` as it runs: `auto` → bf16 on a CUDA GPU with bf16 or a CPU with bf16 kernels, else fp32.
+
+    Other settings are returned unchanged. `cuda_bf16` / `cpu_bf16` override the detection (tests).
+    """
+    if setting != "auto":
+        return setting
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported() if cuda_bf16 is None else cuda_bf16
+    elif device.type == "cpu":
+        ok = cpu_has_bf16() if cpu_bf16 is None else cpu_bf16
+    else:
+        ok = False
+    return "bf16" if ok else "fp32"
 
 
 def precision_problem(precision: str, device: torch.device) -> Optional[str]:

@@ -6,11 +6,14 @@ normalised — surrounding whitespace stripped, lowercased, runs of whitespace c
 trailing punctuation (`.,;:!?`) removed — and the example is correct when they are equal.
 
 Mode "rank": for every label the summed log-likelihood of `" " + label + eos` after the prompt (the
-training target) is computed; the highest-scoring label is the prediction (ties: the first label in
+training target) is computed, every label after the same prompt (truncated to the task-wide budget
+`prompt_budget`, the one generation uses); the highest-scoring label is the prediction (ties: the first label in
 the task's label order); correct when it is the example's label (compared after normalisation).
 
 Both modes run under `torch.no_grad()` with `model.eval()` and restore the previous train/eval mode;
 examples are sorted by length and batched (left padding for generation, right padding for ranking).
+By default the prompts' shared prefix (task line, instruction, options) runs once per task and its
+key/value cache serves every batch (`migu.prefix_eval`); the predictions equal the naive path's in fp32.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from migu.data import IGNORE_INDEX, DataError, Example, Task, collate, encode, encode_prompts, on_model_device
+from migu import prefix_eval
+from migu.data import IGNORE_INDEX, DataError, Task, collate, encode_prompts, on_model_device
+from migu.prefix_eval import MIN_PREFIX, PrefixCache, shared_prefix_length
 from migu.seq2seq import is_encoder_decoder
 
 _TRAILING_PUNCT = ".,;:!?"
@@ -62,11 +67,13 @@ def default_max_new_tokens(tokenizer, labels: Sequence[str]) -> int:
 
 def evaluate_task(model, tokenizer, task: Task, mode: str = "generate", batch_size: int = 16,
                   max_length: int = 128, max_new_tokens: int | None = None, n_samples: int = 3,
-                  on_batch: Callable[[float], None] | None = None) -> TaskResult:
+                  on_batch: Callable[[float], None] | None = None, prefix_cache: bool = True) -> TaskResult:
     """Accuracy (percent) of `model` on `task.test`; see the module docstring for the rule.
 
     Args:
         on_batch: called after each batch with the number of examples it covered (progress bars).
+        prefix_cache: run the prompts' shared prefix once and reuse its key/value cache
+            (`migu.prefix_eval`); False: every prompt from scratch with HF `generate` (same predictions in fp32).
     Raises:
         DataError: the task has no test examples.
     """
@@ -79,9 +86,10 @@ def evaluate_task(model, tokenizer, task: Task, mode: str = "generate", batch_si
             if is_encoder_decoder(model):  # T5, BART: prompt → encoder (migu.evaluate_seq2seq)
                 predictions = _seq2seq(model, tokenizer, task, mode, batch_size, max_length, max_new_tokens, on_batch)
             elif mode == "generate":
-                predictions = _generate(model, tokenizer, task, batch_size, max_length, max_new_tokens, on_batch)
+                predictions = _generate(model, tokenizer, task, batch_size, max_length, max_new_tokens, on_batch,
+                                        prefix_cache)
             elif mode == "rank":
-                predictions = _rank(model, tokenizer, task, batch_size, max_length, on_batch)
+                predictions = _rank(model, tokenizer, task, batch_size, max_length, on_batch, prefix_cache)
             else:
                 raise ValueError(f"eval mode must be 'generate' or 'rank', got {mode!r}")
     finally:
@@ -113,22 +121,49 @@ def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _generate(model, tokenizer, task, batch_size, max_length, max_new_tokens, on_batch) -> list[str]:
+def prompt_budget(tokenizer, task: Task, max_length: int) -> int:
+    """Prompt tokens kept for every test example of `task`: max_length minus the longest target (label + eos).
+
+    One task-wide budget, as in training's worst case: every label of rank mode is scored after the same prompt.
+    """
+    return max(8, max_length - (default_max_new_tokens(tokenizer, task.labels) - 1))
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _shared_prefix(model, prompts: list[list[int]], enabled: bool) -> PrefixCache | None:
+    """The prompts' common-prefix cache, or None (disabled, a model without a KV cache, too short a prefix):
+    then the naive path runs."""
+    if not enabled or prefix_eval.cache_kwarg(model) is None:
+        return None
+    n = shared_prefix_length(prompts)
+    return PrefixCache(model, prompts[0][:n]) if n >= MIN_PREFIX else None
+
+
+def _generate(model, tokenizer, task, batch_size, max_length, max_new_tokens, on_batch, prefix_cache) -> list[str]:
     from transformers import GenerationConfig
 
     max_new = max_new_tokens or default_max_new_tokens(tokenizer, task.labels)
     # the prompt budget matches training's: max_length minus the longest target (label tokens + eos)
-    budget = max(8, max_length - (default_max_new_tokens(tokenizer, task.labels) - 1))
-    items = encode_prompts(tokenizer, [ex.prompt for ex in task.test], budget)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    items = encode_prompts(tokenizer, [ex.prompt for ex in task.test], prompt_budget(tokenizer, task, max_length))
+    pad = _pad_id(tokenizer)
+    prefix = _shared_prefix(model, [x["input_ids"] for x in items], prefix_cache)
     config = GenerationConfig(max_new_tokens=max_new, do_sample=False, num_beams=1, pad_token_id=pad,
                               eos_token_id=tokenizer.eos_token_id)
     predictions = [""] * len(items)
     for index in _batches([len(x["input_ids"]) for x in items], batch_size):
-        batch = on_model_device(collate([items[i] for i in index], pad, padding_side="left"), model)
-        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             generation_config=config)
-        texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        if prefix is not None:
+            rows = prefix_eval.generate(
+                prefix, [items[i]["input_ids"][prefix.length:] for i in index], max_new, tokenizer.eos_token_id,
+                pad, lambda ids: "\n" in tokenizer.decode(ids, skip_special_tokens=True))
+            texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
+        else:
+            batch = on_model_device(collate([items[i] for i in index], pad, padding_side="left"), model)
+            out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 generation_config=config)
+            texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         for i, text in zip(index, texts):
             predictions[i] = extract_answer(text)
         if on_batch:
@@ -148,15 +183,31 @@ def sequence_logprobs(model, batch: dict) -> torch.Tensor:
     return (picked * (target != IGNORE_INDEX)).sum(1)
 
 
-def _rank(model, tokenizer, task, batch_size, max_length, on_batch) -> list[str]:
-    pairs = [(e, label) for e in range(len(task.test)) for label in task.labels]
-    items = encode(tokenizer, [Example(task.test[e].prompt, label) for e, label in pairs], max_length)
-    scores = torch.empty(len(items), dtype=torch.float64)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for index in _batches([len(x["input_ids"]) for x in items], batch_size):
-        batch = on_model_device(collate([items[i] for i in index], pad, padding_side="right"), model)
-        scores[index] = sequence_logprobs(model, batch).double().cpu()
-        if on_batch:
-            on_batch(len(index) / len(task.labels))
-    per_example = scores.view(len(task.test), len(task.labels))
+def _rank(model, tokenizer, task, batch_size, max_length, on_batch, prefix_cache) -> list[str]:
+    prompts = [x["input_ids"] for x in
+               encode_prompts(tokenizer, [ex.prompt for ex in task.test], prompt_budget(tokenizer, task, max_length))]
+    eos = tokenizer.eos_token_id
+    targets = [list(ids) + [eos] for ids in
+               tokenizer([" " + label for label in task.labels], add_special_tokens=False)["input_ids"]]
+    pad = _pad_id(tokenizer)
+    n_labels = len(task.labels)
+    prefix = _shared_prefix(model, prompts, prefix_cache)
+    if prefix is not None:
+        per_example = torch.empty(len(prompts), n_labels, dtype=torch.float64)
+        # each batch runs its examples' suffixes once and then all their labels: about batch_size label rows
+        for index in _batches([len(p) for p in prompts], max(1, batch_size // n_labels)):
+            per_example[index] = prefix_eval.score_labels(
+                prefix, [prompts[i][prefix.length:] for i in index], targets, pad)
+            if on_batch:
+                on_batch(len(index))
+    else:
+        items = [{"input_ids": prompts[e] + t, "labels": [IGNORE_INDEX] * len(prompts[e]) + t}
+                 for e in range(len(prompts)) for t in targets]
+        scores = torch.empty(len(items), dtype=torch.float64)
+        for index in _batches([len(x["input_ids"]) for x in items], batch_size):
+            batch = on_model_device(collate([items[i] for i in index], pad, padding_side="right"), model)
+            scores[index] = sequence_logprobs(model, batch).double().cpu()
+            if on_batch:
+                on_batch(len(index) / n_labels)
+        per_example = scores.view(len(prompts), n_labels)
     return [task.labels[int(i)] for i in per_example.argmax(1)]  # argmax: first label on ties

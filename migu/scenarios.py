@@ -137,7 +137,7 @@ class FinetuneScenario(Scenario):
         e = self.cfg.eval
         result = evaluate_task(model, tokenizer, task, mode=e.mode, batch_size=batch_size,
                                max_length=self.cfg.data.max_length, max_new_tokens=e.max_new_tokens,
-                               on_batch=on_batch)
+                               on_batch=on_batch, prefix_cache=e.prefix_cache)
         return result.accuracy, {"accuracy": result.accuracy, "correct": result.correct, "n": result.n,
                                  "samples": result.samples}
 

@@ -51,7 +51,7 @@ from migu.scenarios import format_perplexity_comparison, format_perplexity_matri
 from migu.seq2seq import is_encoder_decoder
 from migu.seq2seq import nll_sum as seq2seq_nll
 
-__all__ = ["run", "load_tasks", "step_loss", "seed_everything", "phase_seed"]
+__all__ = ["run", "load_tasks", "step_loss", "seed_everything", "phase_seed", "resolve_precision"]
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -121,6 +121,16 @@ def machine() -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": cpu, "cores": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "gpu": gpu}
+
+
+def resolve_precision(cfg: RunConfig) -> RunConfig:
+    """`cfg` with `train.precision: auto` replaced by what this machine runs (bf16 or fp32), so config.yaml,
+    summary.json and a resume all see the precision that produced the numbers."""
+    if cfg.train.precision != "auto":
+        return cfg
+    device = distributed.resolve_device(cfg.train.device)
+    precision = distributed.resolve_precision("auto", device)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
 
 
 def _absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -287,6 +297,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, output
     Launched by torchrun / accelerate launch (WORLD_SIZE > 1) it trains data-parallel (docs/distributed.md).
     """
     cfg.validate()
+    cfg = resolve_precision(cfg)
     where = output_dir or cfg.output_dir or cfg.default_output_dir()
     with distributed.session(cfg.train.dist_timeout_s, cfg.train.device, run_dir=where, precision=cfg.train.precision):
         return _run(cfg, resume=resume, overwrite=overwrite, output_dir=output_dir, quiet=quiet, r0=r0)
@@ -612,6 +623,7 @@ class _Run:
             "method": self.cfg.method.name,
             "method_options": dataclasses.asdict(self.cfg.method_options), "lr": self.lr,
             "migu": dataclasses.asdict(self.cfg.migu), "seed": self.cfg.seed, "model": self.cfg.model.name,
+            "precision": self.cfg.train.precision,
             "wall_time_s": round(wall, 1), "git_commit": prov["git_commit"], "machine": prov["machine"],
             "versions": prov["versions"],
         }

@@ -34,6 +34,7 @@ def tiny_overrides(model_dir, stream, out, **extra) -> list[str]:
         "model.name": str(model_dir), "data.stream": str(stream), "data.train_per_task": 12,
         "data.test_per_task": 6, "data.max_length": 80, "train.batch_size": 4, "train.lr": 3e-3,
         "eval.mode": "rank", "eval.batch_size": 8, "threads": 1, "output_dir": str(out),
+        "train.precision": "fp32",  # the tests compare numbers; auto would pick bf16 on some machines
     }
     sets.update(extra)
     return [f"{k}={'null' if v is None else v}" for k, v in sets.items()]

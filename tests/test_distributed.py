@@ -296,7 +296,7 @@ def test_fp16_on_cpu_is_a_one_line_config_error(tmp_path, tiny_llama_dir):
         run(tiny_config(tiny_llama_dir, stream, tmp_path / "fp16", **{"train.precision": "fp16",
                                                                        "train.device": "cpu"}), quiet=True)
     assert not (tmp_path / "fp16").exists()  # refused before the run directory is created
-    with pytest.raises(ConfigError, match="train.precision=fp8: must be 'fp32', 'bf16' or 'fp16'"):
+    with pytest.raises(ConfigError, match="train.precision=fp8: must be 'auto', 'fp32', 'bf16' or 'fp16'"):
         load_config(None, ["train.precision=fp8"])
 
 

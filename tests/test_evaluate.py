@@ -66,7 +66,7 @@ def test_generate_mode_maps_predictions_back_and_scores(tiny_llama):
                   ("gamma" + "y" * 9 + "\nAnswer:", "World"), ("delta" + "z" * 17 + "\nAnswer:", "Sports")])
     model = ScriptedGenerator(tok, answers)
     model.train()
-    result = evaluate_task(model, tok, task, mode="generate", batch_size=3, max_length=128)
+    result = evaluate_task(model, tok, task, mode="generate", batch_size=3, max_length=128, prefix_cache=False)
     assert (result.correct, result.n, result.accuracy) == (3, 4, 75.0)
     assert result.samples[0] == [" Sports.", "Sports"] and result.samples[2] == ["Business", "World"]
     assert model.training  # mode restored
@@ -136,3 +136,134 @@ def test_default_max_new_tokens_and_errors(tiny_llama):
     model = UnigramModel(len(tok), [0])
     results = evaluate_tasks(model, tok, [_task([("Q\nAnswer:", "b")], labels=("b", "c"))] * 2, mode="rank")
     assert [r.n for r in results] == [1, 1]
+
+
+# ------------------------------------------------------------------------------------------ shared prefix
+from migu import prefix_eval  # noqa: E402
+from migu.data import build_prompt, collate, encode_prompts  # noqa: E402
+
+
+def _news_task(n=12, labels=("Sports", "World", "Business"), words=7):
+    """Benchmark-format prompts: one shared header (task line, instruction, options), sentences of varied length."""
+    test = [Example(build_prompt(f"sentence {i} " + "word " * (i % words), "news", "TC", "Pick the topic.\n",
+                                 list(labels)), labels[i % len(labels)]) for i in range(n)]
+    return Task("news", list(labels), [], test)
+
+
+def test_shared_prefix_length():
+    assert prefix_eval.shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert prefix_eval.shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # every row keeps one suffix token
+    assert prefix_eval.shared_prefix_length([[7, 1], [8, 1]]) == 0
+    assert prefix_eval.shared_prefix_length([]) == 0
+
+
+@pytest.mark.parametrize("kind", ["tiny_llama", "tiny_gpt2"])
+def test_prefix_cache_logits_equal_a_full_left_padded_forward(kind, request):
+    model, tok = request.getfixturevalue(kind)
+    model.eval()
+    prompts = [x["input_ids"] for x in encode_prompts(tok, [e.prompt for e in _news_task(5).test], 200)]
+    n = prefix_eval.shared_prefix_length(prompts)
+    assert n > 20  # the header is shared
+    with torch.no_grad():
+        prefix = prefix_eval.PrefixCache(model, prompts[0][:n])
+        cache, logits, mask, following = prefix_eval._suffix_batch(prefix, [p[n:] for p in prompts], tok.pad_token_id)
+        batch = collate([{"input_ids": p} for p in prompts], tok.pad_token_id, padding_side="left")
+        positions = (batch["attention_mask"].cumsum(1) - 1).clamp_min(0)  # what generate gives left-padded rows
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions)
+        torch.testing.assert_close(logits, full.logits[:, -1], rtol=1e-5, atol=1e-5)
+        assert following.tolist() == [len(p) for p in prompts]
+        # one decoding step after the cached batch matches the same step from scratch
+        nxt = logits.argmax(-1, keepdim=True)
+        mask2 = torch.cat([mask, torch.ones_like(nxt)], 1)
+        step = model(input_ids=nxt, attention_mask=mask2, position_ids=following.unsqueeze(1), use_cache=True,
+                     **{prefix.kwarg: cache}).logits[:, -1]
+        ids2 = torch.cat([batch["input_ids"], nxt], 1)
+        am2 = torch.cat([batch["attention_mask"], torch.ones_like(nxt)], 1)
+        full2 = model(input_ids=ids2, attention_mask=am2, position_ids=(am2.cumsum(1) - 1).clamp_min(0)).logits[:, -1]
+        torch.testing.assert_close(step, full2, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["tiny_llama", "tiny_gpt2"])
+@pytest.mark.parametrize("max_length", [200, 40])  # 40: truncation cuts into the shared header
+def test_prefix_cache_predictions_equal_the_naive_path(kind, max_length, request):
+    model, tok = request.getfixturevalue(kind)
+    task = _news_task(8)
+    for mode in ("generate", "rank"):
+        naive = evaluate_task(model, tok, task, mode=mode, batch_size=3, max_length=max_length, n_samples=8,
+                              prefix_cache=False)
+        cached = evaluate_task(model, tok, task, mode=mode, batch_size=3, max_length=max_length, n_samples=8)
+        assert cached.samples == naive.samples and cached.correct == naive.correct, mode
+
+
+def test_prefix_rank_scores_equal_naive_scores(tiny_llama):
+    model, tok = tiny_llama
+    from migu.evaluate import sequence_logprobs
+
+    task = _news_task(6)
+    prompts = [x["input_ids"] for x in encode_prompts(tok, [e.prompt for e in task.test], 120)]
+    targets = [tok(" " + label, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for label in task.labels]
+    n = prefix_eval.shared_prefix_length(prompts)
+    with torch.no_grad():
+        cached = prefix_eval.score_labels(prefix_eval.PrefixCache(model, prompts[0][:n]), [p[n:] for p in prompts],
+                                          targets, tok.pad_token_id)
+        items = [{"input_ids": p + t, "labels": [-100] * len(p) + t} for p in prompts for t in targets]
+        naive = sequence_logprobs(model, collate(items, tok.pad_token_id)).view(len(prompts), len(targets))
+    assert cached.shape == (6, 3) and cached.dtype == torch.float64
+    torch.testing.assert_close(cached, naive.double(), rtol=1e-5, atol=1e-4)
+    assert len(set(cached.argmax(1).tolist())) >= 1
+
+
+def test_rank_scores_every_label_after_the_same_prompt(tiny_llama):
+    # labels of very different lengths and a prompt longer than the budget: every label sees the same prompt
+    model, tok = tiny_llama
+    seen = []
+
+    class Spy(UnigramModel):
+        def forward(self, input_ids, attention_mask=None, use_cache=False, logits_to_keep=0):
+            seen.extend(tok.decode(row[m.bool()]) for row, m in zip(input_ids, attention_mask))
+            return super().forward(input_ids, attention_mask, use_cache, logits_to_keep)
+
+    task = _task([("Q " + "long words " * 20 + "\nAnswer:", "a")], labels=("a", "a much longer label here"))
+    evaluate_task(Spy(len(tok), [0]), tok, task, mode="rank", max_length=48, prefix_cache=False)
+    prompts = {text.rsplit("\nAnswer:", 1)[0] for text in seen}
+    assert len(seen) == 2 and len(prompts) == 1
+
+
+@pytest.mark.slow
+def test_prefix_cache_on_the_embedded_model_fp32_equal_bf16_close():
+    """3 benchmark tasks × 40 test examples: fp32 predictions identical to naive generation; bf16 within 1 example."""
+    from migu.data import load_benchmark_task
+    from migu.distributed import autocast
+    from migu.models import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer("smollm2-135m")
+    tasks = [load_benchmark_task(None, name, 0, 40, 0) for name in ("dbpedia", "amazon", "SST-2")]
+    for task in tasks:
+        naive = evaluate_task(model, tok, task, max_length=128, n_samples=40, prefix_cache=False)
+        cached = evaluate_task(model, tok, task, max_length=128, n_samples=40)
+        assert cached.samples == naive.samples, task.name
+        with autocast(torch.device("cpu"), "bf16"):
+            bf16 = evaluate_task(model, tok, task, max_length=128, n_samples=40)
+        assert abs(bf16.correct - naive.correct) <= 1, (task.name, bf16.correct, naive.correct)
+    rank_task = tasks[2]
+    naive = evaluate_task(model, tok, rank_task, mode="rank", max_length=128, n_samples=40, prefix_cache=False)
+    cached = evaluate_task(model, tok, rank_task, mode="rank", max_length=128, n_samples=40)
+    assert cached.samples == naive.samples
+
+
+def test_prefix_cache_on_a_peft_lora_model_equals_the_naive_path(tiny_llama):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = tiny_llama
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a non-zero adapter: the cached path must go through it
+    assert prefix_eval.cache_kwarg(model) is not None
+    task = _news_task(6)
+    for mode in ("generate", "rank"):
+        naive = evaluate_task(model, tok, task, mode=mode, batch_size=3, max_length=160, n_samples=6,
+                              prefix_cache=False)
+        assert evaluate_task(model, tok, task, mode=mode, batch_size=3, max_length=160, n_samples=6).samples \
+            == naive.samples, mode

@@ -1,0 +1,83 @@
+"""Speed features: `train.precision: auto` (resolution and recording) and the throughput benchmark's quick mode."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from migu import distributed
+from migu.config import load_config
+from tests.runner_helpers import tiny_config, write_stream
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("flags, mkldnn, expected", [
+    ({"avx2", "avx512f", "avx512_bf16"}, True, True),
+    ({"avx2", "amx_bf16", "amx_tile"}, True, True),
+    ({"avx2", "avx512f", "avx512bw"}, True, False),  # plain AVX-512: oneDNN emulates bf16, slower than fp32
+    ({"avx2"}, True, False),
+    ({"avx512_bf16"}, False, False),  # no oneDNN bf16 path in this torch build
+    (set(), False, False),
+])
+def test_cpu_bf16_detection(flags, mkldnn, expected):
+    assert distributed.cpu_has_bf16(flags, mkldnn) is expected
+
+
+def test_resolve_precision_on_mocked_capabilities():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert distributed.resolve_precision("auto", cpu, cpu_bf16=True) == "bf16"
+    assert distributed.resolve_precision("auto", cpu, cpu_bf16=False) == "fp32"
+    assert distributed.resolve_precision("auto", cuda, cuda_bf16=True) == "bf16"
+    assert distributed.resolve_precision("auto", cuda, cuda_bf16=False) == "fp32"
+    for fixed in ("fp32", "bf16", "fp16"):  # explicit settings are never changed
+        assert distributed.resolve_precision(fixed, cpu, cpu_bf16=True) == fixed
+    assert load_config(None, []).train.precision == "auto"  # the default
+
+
+@pytest.mark.parametrize("has_bf16, expected", [(True, "bf16"), (False, "fp32")])
+def test_resolved_precision_is_recorded_and_used_by_evaluation(tmp_path, tiny_llama_dir, monkeypatch, has_bf16,
+                                                               expected):
+    import migu.train
+    from migu.train import run
+
+    monkeypatch.setattr(distributed, "cpu_has_bf16", lambda *a, **k: has_bf16)
+    seen = []
+    real = distributed.autocast
+    monkeypatch.setattr(migu.train.distributed, "autocast", lambda device, p: seen.append(p) or real(device, p))
+    stream = write_stream(tmp_path / "data", tasks={"colors": ["red", "blue"]})
+    out = tmp_path / "run"
+    cfg = tiny_config(tiny_llama_dir, stream, out, **{"train.precision": "auto", "train.device": "cpu",
+                                                      "data.train_per_task": 4, "eval.untrained": False})
+    summary = run(cfg, quiet=True)
+    assert summary["precision"] == expected
+    assert json.loads((out / "summary.json").read_text())["precision"] == expected
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["precision"] == expected
+    assert seen and set(seen) == {expected}  # evaluation ran under the resolved precision
+
+
+def test_throughput_quick_mode_writes_sane_json(tmp_path, tiny_llama_dir):
+    out = tmp_path / "tp.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--quick", "--model",
+                           str(tiny_llama_dir), "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["precision"] in ("bf16", "fp32")
+    for key in ("train_full_ft", "train_full_ft_migu", "train_lora", "train_lora_migu", "eval_generate",
+                "eval_rank"):
+        row = data["paths"][key]
+        assert row["naive_examples_per_s"] > 0 and row["default_examples_per_s"] > 0, key
+        assert row["speedup"] == pytest.approx(row["default_examples_per_s"] / row["naive_examples_per_s"], rel=1e-6)
+        for side in ("naive", "default"):
+            # examples/s × FLOPs per example / matmul FLOP/s: positive and finite (a tiny model's shapes are
+            # overhead-bound, so its fractions mean nothing beyond that)
+            assert 0 < row[f"{side}_fraction_of_limit"] < float("inf"), (key, side)
+    limit = data["limit"]
+    assert limit["matmul_flops_fp32"] > 0 and limit["matmul_flops_bf16"] > 0
+    assert data["model"]["flops_per_token_forward"] > 0
+    assert "speedup" in proc.stdout  # the printed table
