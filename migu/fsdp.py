@@ -103,8 +103,18 @@ def _options(**kw):
     return StateDictOptions(full_state_dict=True, **kw)
 
 
-def full_state(model: nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
-    """{name: whole tensor on CPU} of the parameters `names`; a collective under FSDP (every rank calls it)."""
+def full_state(model: nn.Module, names: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """{name: whole tensor on CPU} of the parameters `names` (None: the trainable ones).
+
+    A collective under FSDP: every rank calls it. The root module keeps its parameters unsharded after a
+    forward (FSDP's default), which registers a tied LM head as a parameter of its own; resharding first
+    restores the module's own parameter names (a tied head is then the embedding, as in one process).
+    """
+    if is_sharded(model):
+        for m in _fsdp_modules(model):
+            m.reshard()
+    if names is None:
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
     if not is_sharded(model):
         return {n: p for n, p in model.named_parameters() if n in names}
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
@@ -117,7 +127,7 @@ def load_full(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy whole tensors into the (sharded) parameters of the same names; each rank keeps its own rows."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    set_model_state_dict(model, tensors, options=_options(strict=False))
+    set_model_state_dict(model, dict(tensors), options=_options(strict=False))  # it adds tied keys in place
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:

@@ -242,7 +242,7 @@ def _saved_parameters(model, base_ids: set[int]) -> dict[str, torch.Tensor]:
     FSDP: the trainable parameters gathered whole (a collective: every rank calls this).
     """
     if fsdp.is_sharded(model):
-        return fsdp.full_state(model, {n for n, p in model.named_parameters() if p.requires_grad})
+        return fsdp.full_state(model)
     return {n: p for n, p in model.named_parameters() if p.requires_grad or id(p) not in base_ids}
 
 

@@ -99,3 +99,115 @@ def test_fsdp2_equals_one_process_on_the_concatenated_batch(tmp_path, kind, thre
         want = single(input_ids=ids[:1], attention_mask=mask[:1]).logits
     torch.testing.assert_close(r0["logits"], want, rtol=0, atol=1e-5)
     torch.testing.assert_close(r1["logits"], want, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ the runner
+# `migu run --set train.engine=fsdp` with 2 processes: stopped by SIGTERM on rank 1 in task 2 (a step
+# checkpoint of whole tensors), resumed with 2 processes (torchrun) and, from a copy, with 1: both end
+# where the uninterrupted single-process run ends (tests/test_distributed.py's reference and settings:
+# a step of 8 rows dealt 4 + 4 in 2 micro-batches each, and a step of 1 row where rank 1 only pads)
+import json  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from migu import distributed  # noqa: E402
+from migu.config import ConfigError, load_config  # noqa: E402
+from tests.runner_helpers import tiny_yaml  # noqa: E402
+from tests.test_distributed import (SETTINGS, WORKER, _assert_same_training, _env, _free_port,  # noqa: E402,F401
+                                    setup, single)
+
+FSDP = {**SETTINGS, "train.engine": "fsdp"}
+
+
+def _launch(root, name, config, term=None):
+    port, procs, logs = str(_free_port()), [], []
+    dump = root / f"{name}-dump"
+    dump.mkdir()
+    for r in (0, 1):
+        extra = {"MIGU_TEST_TERM": term} if term else {}
+        env = _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                   MIGU_TEST_DUMP=str(dump), **extra)
+        logs.append(open(root / f"{name}{r}.log", "w+"))
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), "run", str(config), "--quiet"], env=env,
+                                      stdout=logs[-1], stderr=subprocess.STDOUT))
+    codes = [p.wait(timeout=300) for p in procs]
+    texts = []
+    for log in logs:
+        log.seek(0)
+        texts.append(log.read())
+        log.close()
+    return codes, texts, dump
+
+
+@pytest.fixture(scope="module")
+def stopped(setup):
+    root, model, stream = setup
+    out = root / "fsdp"
+    config = tiny_yaml(root / "fsdp.yaml", model, stream, out, **FSDP)
+    codes, texts, dump = _launch(root, "fsdp", config, term="1:3")  # rank 1, first step of task 2
+    assert codes == [143, 143], texts
+    copy = root / "fsdp-copy"
+    shutil.copytree(out, copy)
+    return {"out": out, "copy": copy, "dump": dump}
+
+
+def test_fsdp_run_stops_with_a_step_checkpoint_and_resumes_with_two_processes(stopped, single):
+    out, dump = stopped["out"], stopped["dump"]
+    info = [torch.load(dump / f"rank{r}_fsdp.pt") for r in (0, 1)]
+    assert [i["world"] for i in info] == [2, 2]
+    assert info[0]["local_rows"] == info[1]["local_rows"] == info[0]["rows"] // 2  # the embedding, halved
+    meta = json.loads((out / "checkpoints" / "last" / "meta.json").read_text())
+    assert meta["step"] == {**meta["step"], "phase": 1, "step": 1}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(WORKER), "run", "--resume", str(out), "--quiet"],
+                          env=_env(MIGU_TEST_DUMP=str(dump)), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same_training(out, single)  # matrix, per-step losses, MIGU kept fractions, weights
+    r0, r1 = (torch.load(dump / f"rank{r}_phase2.pt") for r in (0, 1))
+    for name in r0:  # the gathered model is the same on both ranks
+        assert torch.equal(r0[name], r1[name]), name
+
+
+def test_fsdp_run_resumes_in_one_process(stopped, single):
+    from migu.cli import main
+
+    assert main(["run", "--resume", str(stopped["copy"]), "--quiet"]) == 0
+    _assert_same_training(stopped["copy"], single)
+
+
+def test_accelerate_launch_with_an_fsdp2_config_trains_sharded(setup, tmp_path):
+    """Smoke: accelerate launch (fsdp_version 2 config) runs the runner's FSDP2, MIGU off, 2 processes."""
+    root, model, stream = setup
+    accel = tmp_path / "accelerate.yaml"
+    accel.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_machines: 1\n"
+                     "num_processes: 2\nmachine_rank: 0\nmixed_precision: 'no'\nuse_cpu: false\n"
+                     "fsdp_config:\n  fsdp_version: 2\n  fsdp_reshard_after_forward: true\n")
+    out, dump = tmp_path / "run", tmp_path / "dump"
+    dump.mkdir()
+    config = tiny_yaml(tmp_path / "run.yaml", model, stream, out, **{**FSDP, "migu.enabled": False})
+    proc = subprocess.run(["accelerate", "launch", "--config_file", str(accel), "--main_process_port",
+                           str(_free_port()), str(WORKER), "run", str(config), "--quiet"],
+                          env=_env(MIGU_TEST_DUMP=str(dump)), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "state.json").read_text())["status"] == "done"
+    info = [torch.load(dump / f"rank{r}_fsdp.pt") for r in (0, 1)]
+    assert [(i["world"], i["accelerate_fsdp"]) for i in info] == [(2, "true")] * 2
+
+
+def test_accelerate_fsdp_config_needs_train_engine_fsdp(monkeypatch):
+    for key, value in {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1",
+                       "ACCELERATE_USE_FSDP": "true"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(distributed.DistributedError, match=r"ACCELERATE_USE_FSDP=true \(fsdp\): add --set train.engine=fsdp"):
+        with distributed.session():
+            pass
+    assert not distributed.is_initialized()
+
+
+def test_fsdp_refuses_methods_that_change_their_parameters_and_fp16():
+    with pytest.raises(ConfigError, match=r"^train.engine=fsdp: method 'seq-lora' is not supported under FSDP"):
+        load_config(None, ["train.engine=fsdp", "method.name=seq-lora"])
+    with pytest.raises(ConfigError, match=r"^train.engine=fsdp: train.precision=fp16 is not supported"):
+        load_config(None, ["train.engine=fsdp", "train.precision=fp16"])
+    load_config(None, ["train.engine=fsdp", "migu.enabled=true"])  # full fine-tuning with MIGU: accepted
