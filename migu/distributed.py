@@ -25,6 +25,9 @@ The sharding rule (results do not depend on the number of processes):
       gathered and combined (correct counts, or token NLL sums for perplexity), identically on every rank.
 
 Only rank 0 writes files (see `migu.rundir`); `barrier()` orders rank 0's writes against the others' reads.
+`train.engine: fsdp` (migu/fsdp.py) shards the model once per run with FSDP2; StepRunner then skips
+DDP and pads each rank to the same number of micro-batches (FSDP's collectives run in every forward
+and backward), and evaluation runs with the parameters all-gathered (`fsdp.full_parameters`).
 This module imports only torch.
 """
 
@@ -353,8 +356,8 @@ class StepRunner:
         """DDP synchronises gradients only on the step's last micro-batch of this rank."""
         if self.ddp is not None and not last:
             return self.ddp.no_sync()
-        if self.fsdp:  # accumulate unsharded gradients locally; reduce-scatter once, on the last
-            self.model.set_requires_gradient_sync(last)
+        # FSDP reduce-scatters every micro-batch into the sharded gradients: no unsharded gradient is kept
+        # between micro-batches (the memory FSDP exists to save); every rank runs as many (see shard)
         return contextlib.nullcontext()
 
     def autocast(self):
