@@ -322,8 +322,8 @@ def test_accelerate_deepspeed_launch_is_refused_before_the_group_starts(monkeypa
     for key, value in {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1",
                        "ACCELERATE_USE_DEEPSPEED": "true"}.items():
         monkeypatch.setenv(key, value)
-    with pytest.raises(distributed.DistributedError, match=r"ACCELERATE_USE_DEEPSPEED=true \(deepspeed\): .*does not train with "
-                                                           "DeepSpeed"):
+    with pytest.raises(distributed.DistributedError,
+                       match=r"ACCELERATE_USE_DEEPSPEED=true \(deepspeed\): .*does not train with DeepSpeed"):
         with distributed.session():
             pass
     assert not distributed.is_initialized()

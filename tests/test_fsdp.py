@@ -5,7 +5,11 @@ rows of its local gradient shard. The tiny Llama has an odd MLP width (37 = 19 +
 shards) and GPT-2's Conv1D has its output units on dim 1 (every rank holds all units of its rows).
 """
 
+import json
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,9 +18,12 @@ import torch.multiprocessing as mp
 
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from migu import MIGU
+from migu import MIGU, distributed
+from migu.config import ConfigError, load_config
 from migu.fsdp import full_parameters, full_state, shard_model
-
+from tests.runner_helpers import tiny_yaml
+from tests.test_distributed import (SETTINGS, WORKER, _assert_same_training, _env, _free_port,  # noqa: F401
+                                    setup, single)  # module fixtures, run again for this module
 from tests.test_core import batch, lm_loss_sum
 from tests.test_core_distributed import free_port
 
@@ -65,7 +72,8 @@ def worker(rank, world, port, out_dir, kind, threshold, mode):
         ids, mask = batch(2, seed=99)
         with torch.no_grad(), full_parameters(model):  # evaluation: ranks run different numbers of forwards
             logits = [model(input_ids=ids[:1 + rank], attention_mask=mask[:1 + rank]).logits for _ in range(1 + rank)]
-        torch.save({"params": params, "masks": masks, "logits": logits[0][:1]}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save({"params": params, "masks": masks, "logits": logits[0][:1]},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -106,16 +114,6 @@ def test_fsdp2_equals_one_process_on_the_concatenated_batch(tmp_path, kind, thre
 # checkpoint of whole tensors), resumed with 2 processes (torchrun) and, from a copy, with 1: both end
 # where the uninterrupted single-process run ends (tests/test_distributed.py's reference and settings:
 # a step of 8 rows dealt 4 + 4 in 2 micro-batches each, and a step of 1 row where rank 1 only pads)
-import json  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-from migu import distributed  # noqa: E402
-from migu.config import ConfigError, load_config  # noqa: E402
-from tests.runner_helpers import tiny_yaml  # noqa: E402
-from tests.test_distributed import (SETTINGS, WORKER, _assert_same_training, _env, _free_port,  # noqa: E402,F401
-                                    setup, single)
 
 FSDP = {**SETTINGS, "train.engine": "fsdp"}
 
@@ -199,7 +197,8 @@ def test_accelerate_fsdp_config_needs_train_engine_fsdp(monkeypatch):
     for key, value in {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1",
                        "ACCELERATE_USE_FSDP": "true"}.items():
         monkeypatch.setenv(key, value)
-    with pytest.raises(distributed.DistributedError, match=r"ACCELERATE_USE_FSDP=true \(fsdp\): add --set train.engine=fsdp"):
+    with pytest.raises(distributed.DistributedError,
+                       match=r"ACCELERATE_USE_FSDP=true \(fsdp\): add --set train.engine=fsdp"):
         with distributed.session():
             pass
     assert not distributed.is_initialized()
