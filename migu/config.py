@@ -136,7 +136,7 @@ class TrainConfig:
     device: str = "auto"
     """`auto`: cuda:LOCAL_RANK when CUDA is available, else cpu; `cpu`; `cuda`."""
     engine: str = "ddp"
-    """Data-parallel engine under torchrun / accelerate launch: `ddp` (the only one supported; `fsdp` and `deepspeed` are refused with the reason, see docs/distributed.md)."""
+    """Data-parallel engine under torchrun / accelerate launch: `ddp` (replicas), `fsdp` (torch FSDP2: parameters, gradients and AdamW state sharded over the processes; full fine-tuning methods, fp32/bf16); `deepspeed` is refused with the reason (docs/distributed.md)."""
     dist_timeout_s: float = 1800.0
     """Seconds a process waits for the others in a collective before failing (a dead peer never hangs a run forever); must exceed the longest rank-0-only work, e.g. writing a checkpoint."""
     task_epochs: Optional[dict[str, int]] = None
@@ -177,18 +177,29 @@ class TrainConfig:
 ENGINES = ("ddp", "fsdp", "deepspeed")
 
 
+FSDP_METHODS = ("seq-ft", "mtl", "replay")  # full fine-tuning of a fixed parameter set, no forwards of their own
+
+
 def _check_engine(cfg: "RunConfig") -> None:
-    """fsdp / deepspeed are refused early with the reason (never a silent no-op MIGU mask)."""
+    """fsdp: full fine-tuning methods and no fp16; deepspeed is refused with the reason (never a no-op mask)."""
     engine = cfg.train.engine
     if engine == "ddp":
         return
-    name = {"fsdp": "FSDP", "deepspeed": "DeepSpeed ZeRO"}[engine]
+    if engine == "fsdp":
+        if cfg.method.name not in FSDP_METHODS:
+            raise ConfigError(f"train.engine=fsdp: method {cfg.method.name!r} is not supported under FSDP (it adds "
+                              f"parameters per task or runs its own passes); use one of {', '.join(FSDP_METHODS)}, "
+                              "or train.engine=ddp")
+        if cfg.train.precision == "fp16":
+            raise ConfigError("train.engine=fsdp: train.precision=fp16 is not supported (no sharded loss scaler); "
+                              "use bf16 or fp32")
+        return
     if cfg.migu.enabled or cfg.compare_migu:
-        raise ConfigError(f"train.engine={engine}: MIGU cannot run on {name}: it reduces gradients into sharded "
-                          "flat buffers, so masking the module's param.grad would silently do nothing; use "
-                          "train.engine=ddp (torchrun) or a single process")
-    raise ConfigError(f"train.engine={engine}: {name} is not supported by the migu runner yet; use "
-                      "train.engine=ddp (torchrun / accelerate launch multi-GPU) or a single process")
+        raise ConfigError(f"train.engine={engine}: MIGU cannot run on DeepSpeed ZeRO: it reduces gradients into "
+                          "sharded flat buffers, so masking the module's param.grad would silently do nothing; use "
+                          "train.engine=fsdp or ddp (torchrun) or a single process")
+    raise ConfigError(f"train.engine={engine}: DeepSpeed ZeRO is not supported by the migu runner yet; use "
+                      "train.engine=fsdp or ddp (torchrun / accelerate launch) or a single process")
 
 
 @dataclass

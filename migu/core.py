@@ -84,16 +84,49 @@ def _is_lora_layer(module: nn.Module) -> bool:
     )
 
 
+def _is_fsdp2(module: nn.Module) -> bool:
+    # fully_shard swaps the class for a subclass of torch.distributed.fsdp.FSDPModule (name check: no import)
+    return any(c.__name__ == "FSDPModule" for c in type(module).__mro__)
+
+
 def _unsupported_wrapper(model: nn.Module) -> str | None:
-    """Name of a sharding engine whose gradients do not live in ``param.grad`` of the module, if any."""
+    """Name of a sharding engine whose gradients do not live in ``param.grad`` of the module, if any.
+
+    FSDP2 (``fully_shard``) is supported: its ``param.grad`` is a DTensor sharded on dim 0 that the optimizer
+    applies, so each rank masks its local rows. FSDP1 and DeepSpeed reduce into private flat buffers.
+    """
+    fsdp2 = set()
     for module in model.modules():
         kind = type(module).__name__
-        if kind in ("FullyShardedDataParallel", "DeepSpeedEngine") or kind.startswith("FSDP"):
+        if _is_fsdp2(module):
+            fsdp2.update(id(p) for p in module.parameters())
+        elif kind in ("FullyShardedDataParallel", "DeepSpeedEngine"):
             return kind
     for param in model.parameters():
         if type(param).__name__ == "DTensor" or type(param.data).__name__ == "DTensor":
-            return "FSDP2/DTensor sharded parameters"
+            if id(param) not in fsdp2:
+                return "DTensor parameters outside fully_shard (tensor parallelism)"
+            if any(not (pl.is_replicate() or (pl.is_shard() and pl.dim == 0)) for pl in param.placements):
+                return f"DTensor placements {param.placements} (only FSDP2's Shard(0) / Replicate)"
     return None
+
+
+def _local_rows(tensor: torch.Tensor, dim: int, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(local tensor, the slice of the global ``mask`` its entries along ``dim`` correspond to).
+
+    A plain tensor is its own local tensor. An FSDP2 DTensor holds rows ``[offset, offset + n)`` of the
+    global tensor on this rank (torch.chunk semantics: uneven sizes leave the last ranks shorter, possibly
+    empty — FSDP2's padding is not part of the local tensor); other dims are whole.
+    """
+    if type(tensor).__name__ != "DTensor":
+        return tensor, mask
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local = tensor.to_local()  # under no_grad: the DTensor's own storage, so in-place writes stick
+    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    if tuple(shape) != tuple(local.shape):
+        raise RuntimeError(f"MIGU: local shard shape {tuple(local.shape)} differs from DTensor's {tuple(shape)}")
+    return local, mask.narrow(0, offset[dim], shape[dim])
 
 
 def _block_prefixes(model: nn.Module) -> list[str]:
@@ -420,14 +453,16 @@ class MIGU:
                 mask = masks[unit.name]
                 if keep_count(self.threshold, unit.size) >= unit.size:
                     continue  # every row kept (known without looking at the mask: no host sync)
-                drop = (~mask).nonzero().squeeze(1) if self.mode == "update" else None
                 for param, dim in unit.params:
                     shape = [1] * param.dim()
                     shape[dim] = -1
-                    if param.grad is not None:
-                        param.grad.masked_fill_(~mask.view(shape), 0)
-                    if self.mode == "update":
-                        unit.frozen.append((param, dim, drop, param.detach().index_select(dim, drop).clone()))
+                    if param.grad is not None:  # FSDP2: this rank's rows of the gradient, its slice of the mask
+                        grad, local_mask = _local_rows(param.grad, dim, mask)
+                        grad.masked_fill_(~local_mask.view(shape), 0)
+                    if self.mode == "update":  # saved and restored on this rank's shard of the parameter
+                        values, local_mask = _local_rows(param.detach(), dim, mask)
+                        drop = (~local_mask).nonzero().squeeze(1)
+                        unit.frozen.append((values, dim, drop, values.index_select(dim, drop).clone()))
         self._last_masks = masks
         return masks
 

@@ -25,6 +25,9 @@ The sharding rule (results do not depend on the number of processes):
       gathered and combined (correct counts, or token NLL sums for perplexity), identically on every rank.
 
 Only rank 0 writes files (see `migu.rundir`); `barrier()` orders rank 0's writes against the others' reads.
+`train.engine: fsdp` (migu/fsdp.py) shards the model once per run with FSDP2; StepRunner then skips
+DDP and pads each rank to the same number of micro-batches (FSDP's collectives run in every forward
+and backward), and evaluation runs with the parameters all-gathered (`fsdp.full_parameters`).
 This module imports only torch.
 """
 
@@ -159,7 +162,7 @@ def _accelerate_engine() -> Optional[str]:
 
 @contextlib.contextmanager
 def session(timeout_s: float = 1800.0, device: str = "auto", run_dir: Optional[str] = None,
-            precision: Optional[str] = None):
+            precision: Optional[str] = None, engine: str = "ddp"):
     """Initialise the process group for the duration of a run when launched with WORLD_SIZE > 1.
 
     Does nothing for a single process or when the caller already initialised torch.distributed (then
@@ -176,11 +179,13 @@ def session(timeout_s: float = 1800.0, device: str = "auto", run_dir: Optional[s
         if missing:
             raise DistributedError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set; "
                                    "launch with torchrun (or accelerate launch)")
-        engine = _accelerate_engine()
-        if engine is not None:
-            raise DistributedError(f"{engine}: the migu runner trains with DDP only (MIGU masks param.grad, "
-                                   "which sharded engines bypass); use an accelerate config with "
-                                   "distributed_type MULTI_GPU, or torchrun")
+        launched = _accelerate_engine()
+        if launched is not None and not (launched.endswith("(fsdp)") and engine == "fsdp"):
+            hint = ("add --set train.engine=fsdp (the runner shards with torch FSDP2 itself; accelerate's "
+                    "fsdp_* options are not read)" if launched.endswith("(fsdp)") else
+                    "the migu runner does not train with DeepSpeed (MIGU masks param.grad, which ZeRO bypasses); "
+                    "use an accelerate config with distributed_type MULTI_GPU or FSDP, or torchrun")
+            raise DistributedError(f"{launched}: {hint}")
         dev = resolve_device(device)
         if os.environ.get("RANK", "0") != "0":
             _quiet_libraries()  # one set of progress bars (rank 0's)
@@ -328,14 +333,18 @@ class StepRunner:
     DDP wrapper so the method's own backward passes (e.g. EWC's Fisher) run on the bare module.
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str = "fp32"):
+    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str = "fp32", engine: str = "ddp"):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.model, self.device, self.precision = model, device, precision
         self.world = world_size()
         self.rank = rank()
         self.ddp = None
-        if self.world > 1:
+        # FSDP2 (migu.fsdp.shard_model, done once per run): every forward/backward all-gathers and
+        # reduce-scatters, so every rank must run the same number of micro-batches (see shard)
+        self.fsdp = self.world > 1 and engine == "fsdp"
+        self.padding = 0  # trailing placeholder micro-batches of this rank in the current step (FSDP)
+        if self.world > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
             check_replicas(model, " at the start of a phase")  # the replicas must start identical
@@ -362,11 +371,18 @@ class StepRunner:
             return micro_batches, False
         rows = [item for micro in micro_batches for item in micro]
         mine = shard_rows(rows, self.rank, self.world)
+        first = rows[0]
+        blank = [{**first, "labels": [-100] * len(first["labels"])}]  # a row that trains nothing
+        self.padding = 0
         if not mine:  # fewer rows than ranks: join the all-reduce with a row that trains nothing
-            first = rows[0]
-            return [[{**first, "labels": [-100] * len(first["labels"])}]], True
+            return [blank], True
         mine.sort(key=lambda item: len(item["input_ids"]))  # stable: less padding per micro-batch
-        return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)], False
+        out = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+        if self.fsdp:  # as many micro-batches as the busiest rank (rank 0: it gets the most rows)
+            most = -(-len(shard_rows(rows, 0, self.world)) // batch_size)
+            self.padding = most - len(out)
+            out += [blank] * self.padding
+        return out, False
 
     def to_device(self, batch: dict) -> dict:
         if self.device.type == "cpu":
@@ -379,6 +395,8 @@ class StepRunner:
         """DDP synchronises gradients only on the step's last micro-batch of this rank."""
         if self.ddp is not None and not last:
             return self.ddp.no_sync()
+        # FSDP reduce-scatters every micro-batch into the sharded gradients: no unsharded gradient is kept
+        # between micro-batches (the memory FSDP exists to save); every rank runs as many (see shard)
         return contextlib.nullcontext()
 
     def autocast(self):
@@ -386,7 +404,7 @@ class StepRunner:
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.world > 1:
-            loss = loss * self.world  # DDP averages over ranks; the loss already carries 1/global tokens
+            loss = loss * self.world  # DDP / FSDP average over ranks; the loss already carries 1/global tokens
         if self.scaler is not None:
             loss = self.scaler.scale(loss)
         loss.backward()

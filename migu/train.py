@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from migu import distributed, preemption
 from migu.config import ConfigError, RunConfig, to_yaml
+from migu import fsdp
 from migu.data import IGNORE_INDEX, collate, length_grouped_batches
 from migu.masking import phase_migu, token_masker
 from migu.methods import Context, get_method
@@ -246,7 +247,12 @@ def _adamw(params: list, lr: float, weight_decay: float) -> torch.optim.Optimize
 
 
 def _saved_parameters(model, base_ids: set[int]) -> dict[str, torch.Tensor]:
-    """What a checkpoint holds: parameters the method added (adapters) and every trainable one."""
+    """What a checkpoint holds: parameters the method added (adapters) and every trainable one.
+
+    FSDP: the trainable parameters gathered whole (a collective: every rank calls this).
+    """
+    if fsdp.is_sharded(model):
+        return fsdp.full_state(model)
     return {n: p for n, p in model.named_parameters() if p.requires_grad or id(p) not in base_ids}
 
 
@@ -256,9 +262,26 @@ def _load_parameters(model, tensors: dict[str, torch.Tensor], where: Path) -> No
     if missing:
         raise RunDirError(f"{where}: checkpoint parameter {missing[0]!r} is not in the model; "
                           f"was the run made with another method or model?")
+    if fsdp.is_sharded(model):  # each rank keeps its rows of the whole tensors (any process count wrote them)
+        fsdp.load_full(model, tensors)
+        return
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)
+
+
+def _skip_placeholders(migu, before_forward):
+    """MIGU does not count the rows of a placeholder micro-batch (FSDP's padding to equal micro-batch counts)."""
+    if migu is None:
+        return before_forward
+
+    def before(batch):
+        if batch.get("placeholder"):
+            migu.enabled = False
+        if before_forward is not None:
+            before_forward(batch)
+
+    return before
 
 
 class _Printer:
@@ -299,7 +322,8 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, output
     cfg.validate()
     cfg = resolve_precision(cfg)
     where = output_dir or cfg.output_dir or cfg.default_output_dir()
-    with distributed.session(cfg.train.dist_timeout_s, cfg.train.device, run_dir=where, precision=cfg.train.precision):
+    with distributed.session(cfg.train.dist_timeout_s, cfg.train.device, run_dir=where, precision=cfg.train.precision,
+                             engine=cfg.train.engine):
         return _run(cfg, resume=resume, overwrite=overwrite, output_dir=output_dir, quiet=quiet, r0=r0)
 
 
@@ -356,6 +380,8 @@ class _Run:
         self.base_ids = {id(p) for p in model.parameters()}
         self.model = self.method.setup(model)
         distributed.prepare_model(self.model, self.device, cfg.train.gradient_checkpointing)
+        if cfg.train.engine == "fsdp" and distributed.world_size() > 1:  # once: parameters become DTensor shards
+            fsdp.shard_model(self.model, cfg.train.precision)
         self.model.train()
         if self.resume:
             self.rd = (self.rd or RunDir.open(self.path)).lock()  # the one writer until the run ends
@@ -475,7 +501,7 @@ class _Run:
         params = method.trainable_parameters(model)
         optimizer = _adamw(params, phase_lr(cfg.train, self.lr, index), cfg.train.weight_decay)
         migu = phase_migu(cfg.migu, model, method, index)  # None: no MIGU, or phase 0 with first_task skip
-        before_forward = token_masker(migu, cfg.migu)
+        before_forward = _skip_placeholders(migu, token_masker(migu, cfg.migu))
         items = self._encode([ex for task in phase_tasks for ex in task.train])
         items = method.train_items(index, phase_tasks, items, self.ctx)  # e.g. replay appends stored items
         plans = [_plan_steps(items, cfg.train, seed, epoch) for epoch in range(phase_epochs(cfg.train, phase_tasks))]
@@ -484,7 +510,7 @@ class _Run:
         model.train()
         step, losses, t0 = 0, [], time.time()
         bar = self.out.bar(n_steps, f"train {index + 1}/{len(self.phases)} {name}")
-        runner = distributed.StepRunner(model, self.device, cfg.train.precision)  # DDP-wrapped when WORLD_SIZE > 1
+        runner = distributed.StepRunner(model, self.device, cfg.train.precision, cfg.train.engine)  # DDP / FSDP
         done, losses, rng = self._resume_in_phase(optimizer, runner)  # reliability: a step checkpoint's position
         try:
             for epoch, plan in enumerate(plans):
@@ -500,6 +526,8 @@ class _Run:
                     total = sum(_answer_tokens(item) for mb in mixed for item in mb)
                     shards, placeholder = runner.shard(mixed, cfg.train.batch_size)
                     batches = [runner.to_device(collate(mb, pad)) for mb in shards]
+                    for batch in batches[len(batches) - runner.padding:]:  # FSDP: extra rows that train nothing
+                        batch["placeholder"] = True
                     if migu is not None:
                         migu.enabled = not placeholder  # a placeholder row must not count in the statistics
                     loss, extra = step_loss(model, batches, method, method.needs_hidden_states, total=total,
@@ -551,7 +579,10 @@ class _Run:
             return 0, [], None
         self.method.load_state_dict(ckpt.method_state)
         _load_parameters(self.model, ckpt.tensors, ckpt.where)
-        optimizer.load_state_dict(ckpt.training["optimizer"])
+        if self.cfg.train.engine == "fsdp":  # whole tensors keyed by name: any process count wrote them
+            fsdp.load_full_optimizer_state(self.model, optimizer, ckpt.training["optimizer"])
+        else:
+            optimizer.load_state_dict(ckpt.training["optimizer"])
         if runner.scaler is not None and ckpt.training.get("scaler"):
             runner.scaler.load_state_dict(ckpt.training["scaler"])
         position = ckpt.meta["step"]
@@ -565,7 +596,9 @@ class _Run:
             return
         if self.cfg.train.checkpoint:
             r0, rows, elapsed, started = self.progress
-            training = {"optimizer": optimizer.state_dict(), "rng": preemption.all_rng_states(),
+            state = (fsdp.full_optimizer_state(self.model, optimizer) if self.cfg.train.engine == "fsdp"
+                     else optimizer.state_dict())
+            training = {"optimizer": state, "rng": preemption.all_rng_states(),
                         "scaler": runner.scaler.state_dict() if runner.scaler is not None else None}
             self.rd.save_checkpoint(_saved_parameters(self.model, self.base_ids), self.method.state_dict(), {
                 "finished_tasks": index, "rows": rows, "r0": r0, "row_names": [n for n, _ in self.phases][:index],
@@ -597,7 +630,9 @@ class _Run:
             return self.scenario.evaluate(self.model, self.tokenizer, task, self.cfg.eval.batch_size, **kwargs)
 
         try:
-            with self.method.eval_context(self.model), distributed.autocast(self.device, self.cfg.train.precision):
+            # FSDP: the whole model on every rank while the ranks evaluate different examples
+            with self.method.eval_context(self.model), distributed.autocast(self.device, self.cfg.train.precision), \
+                    fsdp.full_parameters(self.model):
                 for j, task in enumerate(self.scenario.eval_sets):
                     if j not in columns:
                         row.append(None)  # not evaluated (eval.matrix: diagonal)

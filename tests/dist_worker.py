@@ -17,6 +17,7 @@ import sys
 import torch
 
 import migu.train as train
+from migu import distributed, fsdp
 from migu.methods.base import Method
 
 rank = int(os.environ.get("RANK", "0"))
@@ -27,7 +28,15 @@ if dump:
 
     def train_phase(self, index, name, tasks):
         real_phase(self, index, name, tasks)
-        params = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        if fsdp.is_sharded(self.model):  # FSDP: whole tensors (a collective), and how this rank ran
+            params = fsdp.full_state(self.model, {n for n, p in self.model.named_parameters() if p.requires_grad})
+            first = next(p for p in self.model.parameters() if p.requires_grad)
+            info = {"world": distributed.world_size(), "local_rows": first.to_local().shape[0],
+                    "rows": first.shape[0],
+                    "accelerate_fsdp": os.environ.get("ACCELERATE_USE_FSDP")}
+            torch.save(info, os.path.join(dump, f"rank{rank}_fsdp.pt"))
+        else:
+            params = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
         torch.save(params, os.path.join(dump, f"rank{rank}_phase{index}.pt"))
 
     train._Run._train_phase = train_phase
