@@ -84,7 +84,7 @@ TABLES = {
 
 def _version() -> str:
     """The short git commit the numbers come from (migu's provenance, as in each run's summary)."""
-    from migu.train import provenance
+    from migu.provenance import provenance
 
     return _short(provenance()["git_commit"])
 

@@ -65,7 +65,8 @@ summary.json and checkpoints/last (see docs/architecture.md)."""
 
 def cmd_run(args: argparse.Namespace) -> int:
     from migu.distributed import launched_rank
-    from migu.train import format_comparison, format_matrix, run
+    from migu.compare import format_comparison, format_matrix
+    from migu.train import run
 
     if args.dry_run:
         from migu.dryrun import format_plan, plan
