@@ -224,8 +224,9 @@ def evidence(n: int = 32, root: Path = ROOT) -> Path:
     training examples (`migu magnitudes`), the task × task cosine and centred cosine (mean over layers),
     and the overlap of the kept-unit sets (top 30%) per pair, against the overlap of random sets.
     """
-    from migu.report.magnitudes import (MAGNITUDES, chance_overlap, load_magnitudes, overlap_by_layer,
-                                        run_magnitudes, similarity_matrix)
+    from migu.magnitudes import run_magnitudes
+    from migu.report.similarity import (MAGNITUDES, chance_overlap, load_magnitudes, overlap_by_layer,
+                                        similarity_matrix)
 
     out = {"n_examples": n, "threshold": 0.7, "models": {}, "code_version": _version()}
     for name in EVIDENCE_RUNS:

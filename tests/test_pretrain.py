@@ -306,7 +306,7 @@ def test_report_and_text_output_of_a_pretrain_run(tmp_path, tiny_llama_dir):
 
     result = write_compare([r], tmp_path / "compare")
     assert "avg ppl" in result["text"] and "general drift" in result["markdown"]
-    from migu.report.magnitudes import run_magnitudes
+    from migu.magnitudes import run_magnitudes
 
     files = run_magnitudes(out, n=2, batch_size=2, progress=False)  # per-domain MIGU magnitudes of blocks
     assert {"colors.pt", "animals.pt", "moods.pt"} <= {f.name for f in files}

@@ -24,9 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from tqdm.auto import tqdm
+
+from migu.config import load_config
 from migu.report.plots import new_figure, save
 from migu.report.rundata import METRIC_KEYS, ReportError, find_run_dirs, load_run
 from migu.report.tables import fmt_mean_std, mean_std
+from migu.train import run
 
 THRESHOLD_KEY = "migu.threshold"
 THRESHOLD_FIXED = ("migu.enabled=true", "compare_migu=false")
@@ -123,9 +127,6 @@ def plan(grid: dict[str, list[str]], out: str | Path) -> list[Point]:
 # ------------------------------------------------------------------------------------------ running
 def default_runner(config_path: Optional[str], overrides: list[str], path: Path, resume: bool, quiet: bool) -> None:
     """Run one point with the runner's Python API (`migu.train.run`); a resumed point uses its config.yaml."""
-    from migu.config import load_config
-    from migu.train import run
-
     if resume and (path / "config.yaml").is_file():
         cfg = load_config(path / "config.yaml")  # continue exactly what was started
     else:
@@ -145,8 +146,6 @@ def run_sweep(config_path: Optional[str], grid: dict[str, list[str]], out: str |
         overrides: `--set` items applied before each point's grid values.
         runner: `runner(config_path, overrides, path, resume, quiet)`; default `default_runner`.
     """
-    from tqdm.auto import tqdm
-
     runner = runner or default_runner
     log = log or (lambda text: tqdm.write(text, file=sys.stderr))
     points = plan(grid, out)
