@@ -415,18 +415,14 @@ def wall_lines(results: dict[str, list[dict]]) -> list[str]:
 
 def condition_stats(runs: list[dict]) -> list[dict]:
     """Per condition (order, method, MIGU T): mean and sample std over seeds of AA, BWT and learned R[i][i]."""
-    out = []
-    for (order, method, t), rs in _groups(runs):
-        g = {"order": order, "method": method, "migu": t is not None, "threshold": t, "n": len(rs),
-             "seeds": sorted(r["seed"] for r in rs)}
-        values = {"aa": [r["aa"] for r in rs], "bwt": [r["bwt"] for r in rs],
-                  "diag": [_learned(r) for r in rs]}
-        for key, vs in values.items():
-            vs = [v for v in vs if v is not None]
-            g[f"{key}_mean"] = statistics.mean(vs) if vs else None
-            g[f"{key}_std"] = statistics.stdev(vs) if len(vs) > 1 else None
-        out.append(g)
-    return out
+    from migu.report.tables import seed_stats
+
+    groups = _groups(runs)
+    records = [{"order": order, "method": method, "threshold": t, "aa": r["aa"], "bwt": r["bwt"], "diag": _learned(r)}
+               for (order, method, t), rs in groups for r in rs]
+    stats = seed_stats(records, ["order", "method", "threshold"], ("aa", "bwt", "diag")).to_dict("records")
+    return [{**g, "migu": g["threshold"] is not None, "seeds": sorted(r["seed"] for r in rs)}
+            for g, (_, rs) in zip(stats, groups)]
 
 
 def plot_table(table: str, runs: list[dict]):

@@ -32,6 +32,7 @@ from migu.data.corpus import (DomainSpec, encode_blocks, is_file_source, load_do
                               pack_documents)
 from migu.data.records import DataError, Task
 from migu.metrics import METRIC_KEYS, perplexity_metric_line
+from migu.rundir import MATRIX, PPL_MATRIX
 
 GENERAL = "general"  # the name of the general held-out column of a pretrain run
 
@@ -98,7 +99,7 @@ class FinetuneScenario(Scenario):
     """Task-incremental fine-tuning on a labelled task stream; accuracy after every task."""
 
     name = "finetune"
-    matrix_file = "accuracy_matrix.csv"
+    matrix_file = MATRIX
     metric = "accuracy"
     metric_keys = METRIC_KEYS
 
@@ -153,7 +154,7 @@ class PretrainScenario(Scenario):
     """Continual pre-training on unlabelled text domains; perplexity after every domain (docs/pretrain.md)."""
 
     name = "pretrain"
-    matrix_file = "perplexity_matrix.csv"
+    matrix_file = PPL_MATRIX
     metric = "perplexity"
     metric_keys = ("ppl_avg", "ppl_forgetting", "ppl_general_drift", "ppl_general_drift_rel")
 
