@@ -84,7 +84,7 @@ TABLES = {
 
 def _version() -> str:
     """The short git commit the numbers come from (migu's provenance, as in each run's summary)."""
-    from migu.train import provenance
+    from migu.provenance import provenance
 
     return _short(provenance()["git_commit"])
 
@@ -224,8 +224,9 @@ def evidence(n: int = 32, root: Path = ROOT) -> Path:
     training examples (`migu magnitudes`), the task × task cosine and centred cosine (mean over layers),
     and the overlap of the kept-unit sets (top 30%) per pair, against the overlap of random sets.
     """
-    from migu.report.magnitudes import (MAGNITUDES, chance_overlap, load_magnitudes, overlap_by_layer,
-                                        run_magnitudes, similarity_matrix)
+    from migu.magnitudes import run_magnitudes
+    from migu.report.similarity import (MAGNITUDES, chance_overlap, load_magnitudes, overlap_by_layer,
+                                        similarity_matrix)
 
     out = {"n_examples": n, "threshold": 0.7, "models": {}, "code_version": _version()}
     for name in EVIDENCE_RUNS:
@@ -414,18 +415,14 @@ def wall_lines(results: dict[str, list[dict]]) -> list[str]:
 
 def condition_stats(runs: list[dict]) -> list[dict]:
     """Per condition (order, method, MIGU T): mean and sample std over seeds of AA, BWT and learned R[i][i]."""
-    out = []
-    for (order, method, t), rs in _groups(runs):
-        g = {"order": order, "method": method, "migu": t is not None, "threshold": t, "n": len(rs),
-             "seeds": sorted(r["seed"] for r in rs)}
-        values = {"aa": [r["aa"] for r in rs], "bwt": [r["bwt"] for r in rs],
-                  "diag": [_learned(r) for r in rs]}
-        for key, vs in values.items():
-            vs = [v for v in vs if v is not None]
-            g[f"{key}_mean"] = statistics.mean(vs) if vs else None
-            g[f"{key}_std"] = statistics.stdev(vs) if len(vs) > 1 else None
-        out.append(g)
-    return out
+    from migu.report.tables import seed_stats
+
+    groups = _groups(runs)
+    records = [{"order": order, "method": method, "threshold": t, "aa": r["aa"], "bwt": r["bwt"], "diag": _learned(r)}
+               for (order, method, t), rs in groups for r in rs]
+    stats = seed_stats(records, ["order", "method", "threshold"], ("aa", "bwt", "diag")).to_dict("records")
+    return [{**g, "migu": g["threshold"] is not None, "seeds": sorted(r["seed"] for r in rs)}
+            for g, (_, rs) in zip(stats, groups)]
 
 
 def plot_table(table: str, runs: list[dict]):

@@ -191,7 +191,7 @@ def main(argv=None) -> dict:
         for side in ("naive", "default"):
             paths[base + "_migu"][f"{side}_migu_overhead"] = paths[base + "_migu"][f"{side}_s"] / paths[base][f"{side}_s"]
 
-    from migu.train import machine
+    from migu.provenance import machine
 
     result = {"precision": precision, "quick": args.quick, "repeats": repeats, "threads": torch.get_num_threads(),
               "batch_size": args.batch_size, "max_length": args.max_length, "machine": machine(),

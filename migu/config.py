@@ -563,3 +563,15 @@ def _type_text(hint: Any) -> str:
     if origin in (list, tuple):
         return f"list[{', '.join(_type_text(a) for a in args)}]" if args else "list"
     return getattr(hint, "__name__", str(hint))
+
+
+def _repo_configs() -> Path:
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def default_config() -> Path:
+    """configs/quickstart.yaml of the checkout (or of the working directory)."""
+    for candidate in (_repo_configs() / "quickstart.yaml", Path("configs") / "quickstart.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError("no config file given and configs/quickstart.yaml not found; pass a config file")

@@ -22,6 +22,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 Matrix = Sequence[Sequence[float]]
+# summary.json's metrics of an accuracy run and of a continual pre-training (perplexity) run
+METRIC_KEYS = ("aa", "bwt", "fwt", "forgetting")
+PPL_METRIC_KEYS = ("ppl_avg", "ppl_forgetting", "ppl_forgetting_rel", "ppl_general0", "ppl_general",
+                   "ppl_general_drift", "ppl_general_drift_rel")
 
 
 def _mean(values: list) -> float | None:

@@ -43,6 +43,7 @@ CONFIG = "config.yaml"
 STATE = "state.json"
 METRICS = "metrics.jsonl"
 MATRIX = "accuracy_matrix.csv"
+PPL_MATRIX = "perplexity_matrix.csv"  # instead of MATRIX for scenario: pretrain
 SUMMARY = "summary.json"
 CHECKPOINT = Path("checkpoints") / "last"
 PREVIOUS = CHECKPOINT.with_name("previous")

@@ -31,7 +31,8 @@ from migu.data import (encode, load_benchmark_task, load_custom_stream, resolve_
 from migu.data.corpus import (DomainSpec, encode_blocks, is_file_source, load_domains, load_general,
                               pack_documents)
 from migu.data.records import DataError, Task
-from migu.metrics import perplexity_metric_line
+from migu.metrics import METRIC_KEYS, perplexity_metric_line
+from migu.rundir import MATRIX, PPL_MATRIX
 
 GENERAL = "general"  # the name of the general held-out column of a pretrain run
 
@@ -98,9 +99,9 @@ class FinetuneScenario(Scenario):
     """Task-incremental fine-tuning on a labelled task stream; accuracy after every task."""
 
     name = "finetune"
-    matrix_file = "accuracy_matrix.csv"
+    matrix_file = MATRIX
     metric = "accuracy"
-    metric_keys = ("aa", "bwt", "fwt", "forgetting")
+    metric_keys = METRIC_KEYS
 
     def load_tasks(self) -> list[Task]:
         d = self.cfg.data
@@ -153,7 +154,7 @@ class PretrainScenario(Scenario):
     """Continual pre-training on unlabelled text domains; perplexity after every domain (docs/pretrain.md)."""
 
     name = "pretrain"
-    matrix_file = "perplexity_matrix.csv"
+    matrix_file = PPL_MATRIX
     metric = "perplexity"
     metric_keys = ("ppl_avg", "ppl_forgetting", "ppl_general_drift", "ppl_general_drift_rel")
 
@@ -244,18 +245,23 @@ def get_scenario(cfg) -> Scenario:
 
 
 def absolute_paths(cfg) -> Any:
-    """`cfg` with the pretrain file sources and general file made absolute (task names stay as they are)."""
+    """`cfg` with its file paths made absolute (stream, data_dir, a local model, the pretrain file sources and
+    general file; task names stay as they are), so config.yaml resumes from any working directory."""
+    def absolute(value, source=False):
+        keep = value is None or (source and not is_file_source(value))
+        return value if keep else str(Path(value).expanduser().resolve())
+
     p = cfg.pretrain
-
-    def absolute(source):
-        return str(Path(source).expanduser().resolve()) if source is not None and is_file_source(source) else source
-
     domains = None if p.domains is None else [
-        dataclasses.replace(d, train=[absolute(s) for s in d.train],
-                            heldout=None if d.heldout is None else [absolute(s) for s in d.heldout])
+        dataclasses.replace(d, train=[absolute(s, True) for s in d.train],
+                            heldout=None if d.heldout is None else [absolute(s, True) for s in d.heldout])
         for d in p.domains]
-    general = str(Path(p.general).expanduser().resolve()) if p.general is not None else None
-    return dataclasses.replace(cfg, pretrain=dataclasses.replace(p, domains=domains, general=general))
+    model = cfg.model
+    if Path(model.name).expanduser().exists():
+        model = dataclasses.replace(model, name=absolute(model.name))
+    data = dataclasses.replace(cfg.data, stream=absolute(cfg.data.stream), data_dir=absolute(cfg.data.data_dir))
+    return dataclasses.replace(cfg, data=data, model=model,
+                               pretrain=dataclasses.replace(p, domains=domains, general=absolute(p.general)))
 
 
 # ------------------------------------------------------------------------------------------ text output

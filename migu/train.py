@@ -22,13 +22,8 @@ optimizer, RNG states and the position in the phase's plan (migu/preemption.py).
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import functools
-import os
-import platform
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,16 +34,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from migu import distributed, preemption
+from migu import distributed, fsdp, preemption
 from migu.config import ConfigError, RunConfig, to_yaml
-from migu import fsdp
+from migu.compare import run_comparison
 from migu.data import IGNORE_INDEX, collate, length_grouped_batches
 from migu.masking import phase_migu, token_masker
 from migu.methods import Context, get_method
 from migu.models import load_model_and_tokenizer
+from migu.provenance import provenance
 from migu.rundir import RunDir, RunDirError
-from migu.scenarios import absolute_paths as _scenario_paths
-from migu.scenarios import format_perplexity_comparison, format_perplexity_matrix, get_scenario, matrix_table
+from migu.scenarios import absolute_paths, get_scenario
 from migu.seq2seq import is_encoder_decoder
 from migu.seq2seq import nll_sum as seq2seq_nll
 
@@ -76,53 +71,6 @@ def load_tasks(cfg: RunConfig) -> list:
     return get_scenario(cfg).load_tasks()
 
 
-def provenance() -> dict:
-    """Git commit of the code and versions of the packages and machine that decide the numbers.
-
-    Read once per process: the code that runs is the code imported at start, so a commit made while a
-    long run is going must not be recorded as the one that produced it.
-    """
-    return copy.deepcopy(_provenance())
-
-
-@functools.cache
-def _provenance() -> dict:
-    import peft
-    import transformers
-
-    import migu
-
-    commit = None
-    try:
-        root = Path(__file__).resolve().parent.parent
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        if commit and dirty:
-            commit += "-dirty"
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"git_commit": commit, "machine": machine(), "versions": {
-        "migu": migu.__version__, "python": sys.version.split()[0], "torch": str(torch.__version__),
-        "transformers": str(transformers.__version__), "peft": str(peft.__version__), "numpy": str(np.__version__)}}
-
-
-def machine() -> dict:
-    """CPU model, core count and the ISA torch's kernels use, and the CUDA device if any.
-
-    Float results (and so a few generated answers) can differ between machines with the same code.
-    """
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "gpu": gpu}
-
 
 def resolve_precision(cfg: RunConfig) -> RunConfig:
     """`cfg` with `train.precision: auto` replaced by what this machine runs (bf16 or fp32), so config.yaml,
@@ -132,18 +80,6 @@ def resolve_precision(cfg: RunConfig) -> RunConfig:
     device = distributed.resolve_device(cfg.train.device)
     precision = distributed.resolve_precision("auto", device)
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
-
-
-def _absolute_paths(cfg: RunConfig) -> RunConfig:
-    """Make relative file paths absolute so config.yaml resumes from any working directory."""
-    def absolute(value):
-        return str(Path(value).expanduser().resolve()) if value is not None else None
-
-    data = dataclasses.replace(cfg.data, stream=absolute(cfg.data.stream), data_dir=absolute(cfg.data.data_dir))
-    model = cfg.model
-    if Path(model.name).expanduser().exists():
-        model = dataclasses.replace(model, name=absolute(model.name))
-    return _scenario_paths(dataclasses.replace(cfg, data=data, model=model))
 
 
 def step_loss(model, micro_batches: list[dict], method=None, needs_hidden_states: bool = False, *,
@@ -331,7 +267,10 @@ def _run(cfg: RunConfig, *, resume: bool, overwrite: bool, output_dir: Optional[
          r0: Optional[list[float]]) -> dict:
     path = Path(output_dir or cfg.output_dir or cfg.default_output_dir())
     if cfg.compare_migu:
-        return run_comparison(cfg, path, resume=resume, overwrite=overwrite, quiet=quiet)
+        def train_one(sub_cfg, sub_path, sub_resume, r0, preloaded):
+            return _Run(sub_cfg, sub_path, sub_resume, False, quiet, r0, preloaded=preloaded).execute()
+
+        return run_comparison(cfg, path, train_one, resume=resume, overwrite=overwrite, quiet=quiet)
     rd = None
     if resume:
         rd = RunDir.open(path, lock=True)  # fail early, before loading data and model (also: another writer)
@@ -388,7 +327,7 @@ class _Run:
             self.rd.clean_temporaries()
         else:
             self.rd = RunDir.create(self.path, overwrite=self.overwrite)
-            self.cfg = cfg = _absolute_paths(dataclasses.replace(cfg, output_dir=str(self.path)))
+            self.cfg = cfg = absolute_paths(dataclasses.replace(cfg, output_dir=str(self.path)))
             self.rd.write_config(to_yaml(cfg, provenance()))
         self.stage = -1
         self.ctx = Context(model=self.model, tokenizer=self.tokenizer, tasks=self.tasks, encode=self._encode,
@@ -664,80 +603,3 @@ class _Run:
         }
 
 
-# ------------------------------------------------------------------------------------------ compare
-COMPARE_RUNS = ("no-migu", "migu")
-
-
-def run_comparison(cfg: RunConfig, path: Path, *, resume: bool = False, overwrite: bool = False,
-                   quiet: bool = False) -> dict:
-    """`compare_migu`: the same run without and with MIGU into `<path>/no-migu` and `<path>/migu`.
-
-    The untrained evaluation is computed once (by the first run) and shared: the base model, data and
-    evaluation are identical. Resuming continues whichever sub-run is unfinished.
-    """
-    preloaded = None
-    if resume:
-        parent = RunDir.open(path, lock=True)  # the parent is written too: one comparison at a time
-    else:
-        RunDir.check_new(path, overwrite)
-        # bad data or a bad model fails here, before anything is deleted; the model goes to the first run
-        load_tasks(cfg)
-        preloaded = load_model_and_tokenizer(cfg.model.name)
-        parent = RunDir.create(path, overwrite=overwrite)
-        parent.write_config(to_yaml(_absolute_paths(dataclasses.replace(cfg, output_dir=str(path))), provenance()))
-    try:
-        summaries, r0 = {}, None
-        for sub, enabled in zip(COMPARE_RUNS, (False, True)):
-            distributed.barrier()  # every rank reads the sub-run's state before rank 0 writes it
-            sub_cfg = dataclasses.replace(cfg, compare_migu=False, output_dir=str(path / sub),
-                                          migu=dataclasses.replace(cfg.migu, enabled=enabled))
-            rd = RunDir(path / sub)
-            state = rd.read_state() if RunDir.is_run_dir(rd.path) else None
-            if state is not None and state.get("status") == "done" and rd.read_summary() is not None:
-                summaries[sub] = rd.read_summary()
-            else:
-                if not quiet:
-                    tqdm.write(f"== {sub}: {path / sub}", file=sys.stderr)
-                resume_sub = RunDir.is_run_dir(rd.path)
-                summaries[sub] = _Run(sub_cfg, rd.path, resume_sub, False, quiet, r0,
-                                      preloaded=None if resume_sub else preloaded).execute()
-                preloaded = None  # the first run trained it
-            r0 = r0 or summaries[sub].get("r0")
-        result = {"runs": summaries, "path": str(path)}
-        keys = get_scenario(cfg).metric_keys + ("wall_time_s",)
-        parent.write_json("comparison.json", {k: {m: v.get(m) for m in keys}
-                                              for k, v in summaries.items()})
-    finally:
-        parent.unlock()
-    return result
-
-
-# ------------------------------------------------------------------------------------------ tables
-def _num(x, width=7) -> str:
-    return f"{x:>{width}.1f}" if isinstance(x, (int, float)) else f"{'-':>{width}}"
-
-
-def format_matrix(summary: dict) -> str:
-    """The accuracy matrix (rows: untrained + one per phase) and AA/BWT/FWT/forgetting as text."""
-    if summary.get("scenario") == "pretrain":
-        return format_perplexity_matrix(summary)
-    metrics = "  ".join(f"{k.upper() if k != 'forgetting' else k} {_num(summary.get(k), 0).strip()}"
-                        for k in ("aa", "bwt", "fwt", "forgetting"))
-    return matrix_table(summary, "accuracy (%)", 1, metrics)
-
-
-def format_comparison(result: dict) -> str:
-    """Both matrices of a compare_migu run and their metrics side by side."""
-    runs = result["runs"]
-    parts = []
-    for sub, summary in runs.items():
-        migu = summary.get("migu", {})
-        title = f"MIGU (T={migu.get('threshold')}, {migu.get('mode')})" if migu.get("enabled") else "no MIGU"
-        parts += [f"== {title} [{sub}]", format_matrix(summary), ""]
-    names = list(runs)
-    if any(s.get("scenario") == "pretrain" for s in runs.values()):
-        return "\n".join(parts + [format_perplexity_comparison(runs)])
-    parts.append("metric".ljust(12) + "".join(n.rjust(10) for n in names))
-    for key in ("aa", "bwt", "fwt", "forgetting", "wall_time_s"):
-        parts.append(key.ljust(12) + "".join(_num(runs[n].get(key), 10) for n in names))
-    return "\n".join(parts)

@@ -288,7 +288,7 @@ def test_report_and_text_output_of_a_pretrain_run(tmp_path, tiny_llama_dir):
     from migu.report.plots import write_run_plots
     from migu.report.rundata import load_run
     from migu.report.tables import run_report_markdown, run_summary_text
-    from migu.train import format_matrix
+    from migu.compare import format_matrix
 
     paths, out = _corpora(tmp_path / "corpora"), tmp_path / "run"
     summary = run(_pretrain_config(tiny_llama_dir, paths, out, "pretrain.train_blocks_per_domain=4"), quiet=True)
@@ -306,7 +306,7 @@ def test_report_and_text_output_of_a_pretrain_run(tmp_path, tiny_llama_dir):
 
     result = write_compare([r], tmp_path / "compare")
     assert "avg ppl" in result["text"] and "general drift" in result["markdown"]
-    from migu.report.magnitudes import run_magnitudes
+    from migu.magnitudes import run_magnitudes
 
     files = run_magnitudes(out, n=2, batch_size=2, progress=False)  # per-domain MIGU magnitudes of blocks
     assert {"colors.pt", "animals.pt", "moods.pt"} <= {f.name for f in files}

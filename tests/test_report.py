@@ -17,12 +17,13 @@ from migu.core import MIGU
 from migu.data import Example, collate, encode
 from migu.metrics import summarize
 from migu.report import ReportError, find_run_dirs, load_run
-from migu.report.cli import register
-from migu.report.magnitudes import (chance_overlap, collect_task_magnitudes, kept_overlap, kept_set, layer_type,
-                                    load_magnitudes, overlap_by_layer, save_task_magnitudes, similarity_matrix,
-                                    write_magnitude_plots)
+from migu.cli import main as migu_main
+from migu.magnitudes import collect_task_magnitudes, save_task_magnitudes
+from migu.report.plots import write_magnitude_plots
+from migu.report.similarity import (chance_overlap, kept_overlap, kept_set, layer_type, load_magnitudes,
+                                    overlap_by_layer, similarity_matrix)
 from migu.report.plots import figure_pixels, fmt_cell, plot_accuracy_curves, plot_accuracy_matrix, write_run_plots
-from migu.report.sweep import (expand_grid, parse_grid, plan, point_name, point_status, run_sweep, split_values,
+from migu.sweep import (expand_grid, parse_grid, plan, point_name, point_status, run_sweep, split_values,
                                write_sweep_report)
 from migu.report.tables import aggregate, run_records, write_compare
 
@@ -161,12 +162,7 @@ def test_missing_or_not_a_directory(tmp_path):
 
 
 def _cli(argv):
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="migu")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return migu_main(argv)
 
 
 def test_cli_bad_run_dir_is_one_line_and_exit_2(tmp_path, capsys):
@@ -318,7 +314,7 @@ def test_sweep_report_table_and_ablation_plot(tmp_path):
     for r in rows:
         assert r["aa_mean"] == pytest.approx(base_aa - 20 * float(r["migu.threshold"]))
         assert r["aa_std"] == pytest.approx(1.0)  # seeds shift by -1, 0, +1
-    from migu.report.sweep import plot_sweep
+    from migu.sweep import plot_sweep
 
     fig = plot_sweep(rows, grid, "migu.threshold")
     (line,) = [ln for ln in fig.axes[0].get_lines() if ln.get_marker() == "o"]
@@ -418,7 +414,7 @@ def test_magnitude_files_and_plots(tmp_path):
     assert [p.name for p in written] == ["magnitude_similarity.png", "magnitude_similarity_by_type.png",
                                          "kept_overlap.png"]
     from migu.report.plots import figure_pixels as px
-    from migu.report.magnitudes import plot_similarity
+    from migu.report.plots import plot_similarity
 
     tasks, S = similarity_matrix(load_magnitudes(mdir))
     _, C = similarity_matrix(load_magnitudes(mdir), centered=True)

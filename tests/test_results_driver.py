@@ -138,7 +138,7 @@ def test_evidence_measures_the_base_and_final_models(tmp_path, tiny_llama_dir):
 def test_reproduce_compares_a_rerun_cell_by_cell(tmp_path, tiny_llama_dir):
     import yaml
 
-    from migu.train import provenance
+    from migu.provenance import provenance
     from tests.runner_helpers import tiny_overrides, write_stream
 
     stream = write_stream(tmp_path / "data")

@@ -290,7 +290,7 @@ def test_compare_migu_runs_both_and_shares_r0(tmp_path, tiny_llama_dir):
     shared = [json.loads(x) for x in (out / "migu" / "metrics.jsonl").read_text().splitlines() if '"untrained"' in x]
     assert len(shared) == 2 and all(r.get("shared") for r in shared)
     assert train_losses(out / "no-migu") != train_losses(out / "migu")
-    from migu.train import format_comparison
+    from migu.compare import format_comparison
 
     text = format_comparison(result)
     assert "no MIGU" in text and "MIGU (T=0.7" in text and "aa" in text

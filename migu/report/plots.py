@@ -8,7 +8,7 @@ Written to `<run>/plots/`:
                           (a perplexity run, scenario: pretrain: perplexity_matrix.png and perplexity_curves.png,
                           the same figures with "perplexity (lower is better)" and a reversed colour scale)
     train_loss.png        training loss per optimizer step, coloured by phase (when metrics.jsonl has train records)
-    magnitude_*.png       from magnitudes/<task>.pt when two or more tasks were measured (see migu.report.magnitudes)
+    magnitude_*.png       from magnitudes/<task>.pt when two or more tasks were measured (see migu.report.similarity)
 
 Every figure has a fixed size in inches at `DPI`, so its PNG has a predictable pixel size
 (`figure_pixels(fig)`).
@@ -24,6 +24,8 @@ from matplotlib.figure import Figure
 
 from migu.metrics import perplexity_metric_line
 from migu.report.rundata import Run, load_run
+from migu.report.similarity import (MAGNITUDES, chance_overlap, common_layers, layer_index, layer_type, load_magnitudes,
+                                    overlap_by_layer, similarity_by_layer_type, similarity_matrix, similarity_range)
 
 DPI = 100
 PLOTS = "plots"
@@ -219,11 +221,152 @@ def write_run_plots(run_dir: str | Path) -> list[Path]:
     loss = plot_training_loss(run)
     if loss is not None:
         written.append(save(loss, out / "train_loss.png"))
-    mag_dir = run.path / "magnitudes"
+    mag_dir = run.path / MAGNITUDES
     if mag_dir.is_dir() and len(list(mag_dir.glob("*.pt"))) >= 2:
-        from migu.report.magnitudes import write_magnitude_plots
-
         threshold = run.migu.get("threshold", 0.7)
         written += write_magnitude_plots(mag_dir, out, threshold=float(threshold if threshold is not None else 0.7),
                                          task_order=run.tasks, title=run.label)
+    return written
+
+
+# ------------------------------------------------------------------------------------------ plots
+def plot_similarity(tasks: Sequence[str], S: Sequence[Sequence[float]], title: str = "", n_layers: int = 0,
+                    centered: Optional[Sequence[Sequence[float]]] = None):
+    """Task × task cosine-similarity heatmap (values in the cells); with `centered`, a second panel of the
+    centred (Pearson) similarities. The colour scale starts just below the smallest value."""
+    n = len(tasks)
+    panels = [("cosine similarity", S)] + ([("centred cosine (Pearson r)", centered)] if centered is not None else [])
+    fig = new_figure(len(panels) * max(4.6, 0.9 * n + 2.8) + 0.4, max(4.0, 0.8 * n + 2.0))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (label, M) in zip(axes, panels):
+        heatmap(ax, M, tasks, tasks, vmin=similarity_range([M]), vmax=1.0, cmap="magma", digits=3,
+                cbar_label=label, fig=fig)
+        ax.set_xlabel("task")
+        ax.set_ylabel("task")
+        ax.set_title(label, fontsize=10)
+    layers = f" (mean over {n_layers} layers)" if n_layers else ""
+    fig.suptitle((f"{title}\n" if title else "") + f"How similar are the tasks' magnitude vectors?{layers}",
+                 fontsize=10)
+    return fig
+
+
+def plot_similarity_by_type(tasks: Sequence[str], by_type: dict[str, list[list[float]]], title: str = ""):
+    """One small task × task heatmap per layer type (shared colour scale)."""
+    kinds = list(by_type)
+    cols = min(4, len(kinds))
+    rows = math.ceil(len(kinds) / cols)
+    n = len(tasks)
+    fig = new_figure(cols * max(2.6, 0.55 * n + 1.6) + 1.0, rows * max(2.4, 0.5 * n + 1.5) + 0.6)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    vmin = similarity_range(by_type.values())
+    image = None
+    for ax, kind in zip(axes.flat, kinds):
+        image = heatmap(ax, by_type[kind], tasks, tasks, vmin=vmin, vmax=1.0, cmap="magma", digits=2,
+                        annotate=n <= 6)
+        ax.set_title(kind, fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(kinds):]:
+        ax.set_visible(False)
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.8, label="cosine similarity")
+    fig.suptitle((f"{title} — " if title else "") + "magnitude cosine similarity by layer type", fontsize=10)
+    return fig
+
+
+def plot_overlap(layers: Sequence[str], pairs: Sequence[tuple[str, str]], values: Sequence[Sequence[float]],
+                 threshold: float, metric: str = "fraction", title: str = "",
+                 sizes: Optional[Sequence[int]] = None):
+    """Kept-unit overlap: a layers × task-pairs heatmap (top) and one line per pair over layers (bottom).
+
+    `sizes` (units per layer) adds the chance level of two random kept sets as a dashed line.
+    """
+    import numpy as np
+
+    data = np.array(values, dtype=float).T  # pairs × layers
+    pair_names = [f"{a} ∩ {b}" for a, b in pairs]
+    n_layers = len(layers)
+    fig = new_figure(max(8.0, min(18.0, 0.09 * n_layers + 5.0)), 3.0 + 0.35 * len(pairs) + 3.0)
+    top, bottom = fig.subplots(2, 1, height_ratios=[max(1.0, 0.35 * len(pairs) + 0.8), 3.0])
+    image = top.imshow(data, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    top.set_yticks(range(len(pairs)), labels=pair_names, fontsize=8)
+    ticks = _layer_ticks(layers)
+    top.set_xticks([t for t, _ in ticks], labels=[lab for _, lab in ticks], fontsize=7, rotation=90)
+    top.set_title("overlap of kept-unit sets per layer (columns: layers in model order)", fontsize=9)
+    fig.colorbar(image, ax=top, label="|A∩B|/k" if metric == "fraction" else "Jaccard", shrink=0.9)
+    blocks = [layer_index(n) for n in layers]
+    by_block = n_layers > 40 and None not in blocks  # many units: one point per block (mean over its units)
+    if by_block:
+        xs = sorted(set(blocks))
+        groups = [[i for i, b in enumerate(blocks) if b == x] for x in xs]
+    else:
+        xs = list(range(n_layers))
+        groups = [[i] for i in xs]
+    for p, name in enumerate(pair_names):
+        bottom.plot(xs, [float(data[p, g].mean()) for g in groups], linewidth=1.2,
+                    marker="." if len(xs) <= 60 else None, label=name)
+    if sizes is not None:
+        chance = [float(np.mean([chance_overlap(int(sizes[i]), threshold, metric) for i in g])) for g in groups]
+        bottom.plot(xs, chance, color="black", linestyle="--", linewidth=1.0, label="chance (random sets)")
+    if by_block:
+        step = max(1, math.ceil(len(xs) / 40))
+        bottom.set_xticks(xs[::step], labels=[str(x) for x in xs[::step]], fontsize=7)
+        bottom.set_xlabel("block (mean over the block's ranked layers)")
+        bottom.set_xlim(xs[0] - 0.5, xs[-1] + 0.5)
+    else:
+        bottom.set_xticks([t for t, _ in ticks], labels=[lab for _, lab in ticks], fontsize=7, rotation=90)
+        bottom.set_xlabel("layer (unit ranked by MIGU)")
+        bottom.set_xlim(-0.5, n_layers - 0.5)
+    bottom.set_ylim(0, 1.02)
+    bottom.set_ylabel("|A∩B| / k" if metric == "fraction" else "Jaccard |A∩B|/|A∪B|")
+    bottom.grid(alpha=0.3)
+    fig.legend(*bottom.get_legend_handles_labels(), loc="outside lower center", ncols=min(4, len(pairs) + 1),
+               fontsize=8, frameon=False)
+    fig.suptitle((f"{title}\n" if title else "") + f"kept units per task (top {100 * (1 - threshold):.0f}% by "
+                 f"magnitude, T={threshold:g}): how much do two tasks share?", fontsize=10)
+    return fig
+
+
+def _layer_ticks(layers: Sequence[str]) -> list[tuple[int, str]]:
+    """At most ~40 x ticks: every layer when few, else the first unit of each block."""
+    if len(layers) <= 40:
+        return [(i, _short(n)) for i, n in enumerate(layers)]
+    ticks, seen = [], set()
+    for i, name in enumerate(layers):
+        block = layer_index(name)
+        if block not in seen:
+            seen.add(block)
+            ticks.append((i, f"block {block}" if block is not None else _short(name)))
+    step = max(1, math.ceil(len(ticks) / 40))
+    return ticks[::step]
+
+
+def _short(name: str) -> str:
+    block = layer_index(name)
+    kind = layer_type(name)
+    return f"{block}.{kind}" if block is not None else kind
+
+
+def write_magnitude_plots(directory: str | Path, out_dir: str | Path, threshold: float = 0.7,
+                          tasks: Optional[Sequence[str]] = None, task_order: Optional[Sequence[str]] = None,
+                          metric: str = "fraction", title: str = "") -> list[Path]:
+    """Similarity and overlap plots from `directory/*.pt` into `out_dir`; returns the PNG paths.
+
+    Needs two or more tasks (one task: nothing to compare, returns []).
+    """
+    mags = load_magnitudes(directory, tasks, task_order)
+    if len(mags) < 2:
+        return []
+    out_dir = Path(out_dir)
+    names, S = similarity_matrix(mags)
+    _, C = similarity_matrix(mags, centered=True)
+    n_layers = len(common_layers(mags))
+    written = [save(plot_similarity(names, S, title, n_layers, C), out_dir / "magnitude_similarity.png")]
+    by_type = similarity_by_layer_type(mags)
+    if len(by_type) > 1:
+        written.append(save(plot_similarity_by_type(names, by_type, title),
+                            out_dir / "magnitude_similarity_by_type.png"))
+    layers, pairs, values = overlap_by_layer(mags, threshold, metric)
+    sizes = [mags[names[0]][n].numel() for n in layers]
+    written.append(save(plot_overlap(layers, pairs, values, threshold, metric, title, sizes),
+                        out_dir / "kept_overlap.png"))
     return written

@@ -28,17 +28,9 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
-from migu.metrics import summarize, summarize_perplexity
-from migu.rundir import METRICS, read_jsonl
+from migu.metrics import METRIC_KEYS, PPL_METRIC_KEYS, summarize, summarize_perplexity
+from migu.rundir import CONFIG, MATRIX, METRICS, PPL_MATRIX, STATE, SUMMARY, read_jsonl
 
-SUMMARY = "summary.json"
-MATRIX = "accuracy_matrix.csv"
-PPL_MATRIX = "perplexity_matrix.csv"
-STATE = "state.json"
-CONFIG = "config.yaml"
-METRIC_KEYS = ("aa", "bwt", "fwt", "forgetting")
-PPL_METRIC_KEYS = ("ppl_avg", "ppl_forgetting", "ppl_forgetting_rel", "ppl_general0", "ppl_general",
-                   "ppl_general_drift", "ppl_general_drift_rel")
 # sub-directories of a run that never hold runs (not searched for sub-runs)
 _NOT_RUNS = {"checkpoints", "plots", "magnitudes", "__pycache__"}
 _MAX_DEPTH = 4

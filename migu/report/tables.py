@@ -12,16 +12,15 @@ between groups (other than method and MIGU) are shown in the `setting` column, e
 
 from __future__ import annotations
 
-import csv
-import io
-import math
-import statistics
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
+
+import pandas as pd
 
 from migu.metrics import perplexity_metric_line
 from migu.report.plots import fmt_cell, new_figure, save
-from migu.report.rundata import METRIC_KEYS, PPL_METRIC_KEYS, Run
+from migu.metrics import METRIC_KEYS, PPL_METRIC_KEYS
+from migu.report.rundata import Run
 
 # config keys that do not make two runs different experiments
 _SEED_LIKE = ("seed", "data.seed", "output_dir", "name", "threads", "compare_migu", "provenance")
@@ -113,12 +112,19 @@ def _show(value) -> str:
     return str(value)
 
 
-def mean_std(values: Iterable[Optional[float]]) -> tuple[Optional[float], Optional[float], int]:
-    """(mean, sample std (n-1), n) of the non-None values; std is None when n < 2, mean None when n = 0."""
-    xs = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not xs:
-        return None, None, 0
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None), len(xs)
+def seed_stats(records: Sequence[dict], by: Sequence[str], values: Sequence[str]) -> pd.DataFrame:
+    """Per group of `by` (first-seen order): `n` and `<v>_mean`, `<v>_std` (sample std, n-1), `<v>_n` of each
+    value over the group's records (None/NaN left out; std None for one value, mean None for none)."""
+    frame = pd.DataFrame(list(records), columns=list(dict.fromkeys([*by, *values])), dtype=object)
+    frame[list(values)] = frame[list(values)].astype(float)
+    grouped = frame.groupby(list(by), sort=False, dropna=False)
+    stats = grouped[list(values)].agg(["mean", "std", "count"]).astype(float)
+    stats.columns = [f"{v}_{'n' if s == 'count' else s}" for v, s in stats.columns]
+    stats.insert(0, "n", grouped.size())
+    stats = stats.reset_index()
+    for v in values:
+        stats[f"{v}_n"] = stats[f"{v}_n"].astype(int)
+    return stats.astype(object).where(stats.notna(), None)
 
 
 def aggregate(records: Sequence[dict]) -> list[dict]:
@@ -127,22 +133,12 @@ def aggregate(records: Sequence[dict]) -> list[dict]:
     Each group: method, migu, threshold, setting, n (runs), seeds ("0,1,2"), runs (names), and for
     every metric and wall time `<m>_mean`, `<m>_std` (sample std, None for one run), `<m>_n`.
     """
-    groups: dict = {}
-    for record in records:
-        groups.setdefault(record["key"], []).append(record)
-    out = []
-    for members in groups.values():
-        first = members[0]
-        group = {k: first[k] for k in ("method", "migu", "threshold", "setting")}
-        group["n"] = len(members)
-        group["seeds"] = ",".join(str(m["seed"]) for m in sorted(members, key=lambda m: (m["seed"] is None,
-                                                                                             m["seed"] or 0)))
-        group["runs"] = [m["run"] for m in members]
-        for metric in _ALL_METRICS + ("wall_time_s",):
-            mean, std, n = mean_std(m[metric] for m in members)
-            group[f"{metric}_mean"], group[f"{metric}_std"], group[f"{metric}_n"] = mean, std, n
-        out.append(group)
-    return out
+    stats = seed_stats(records, ["key"], _ALL_METRICS + ("wall_time_s",)).to_dict("records")
+    for group in stats:
+        members = [r for r in records if r["key"] == group["key"]]
+        group.update({k: members[0][k] for k in ("method", "migu", "threshold", "setting")}, runs=[m["run"] for m in members],
+                     seeds=",".join(str(m["seed"]) for m in sorted(members, key=lambda m: (m["seed"] is None, m["seed"] or 0))))
+    return stats
 
 
 # ------------------------------------------------------------------------------------------ formatting
@@ -212,18 +208,9 @@ def text_table(rows: Sequence[dict], columns: Sequence[str], digits: int = 2) ->
 
 def csv_text(rows: Sequence[dict], columns: Sequence[str]) -> str:
     """CSV with raw numbers: group metrics become `<m>_mean`, `<m>_std`, `<m>_n` columns."""
-    fields = []
-    for col in columns:
-        if rows and f"{col}_mean" in rows[0]:
-            fields += [f"{col}_mean", f"{col}_std", f"{col}_n"]
-        else:
-            fields.append(col)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(fields)
-    for row in rows:
-        writer.writerow(["" if row.get(f) is None else row.get(f) for f in fields])
-    return buf.getvalue()
+    fields = [f for col in columns for f in ([f"{col}_{x}" for x in ("mean", "std", "n")]
+                                              if rows and f"{col}_mean" in rows[0] else [col])]
+    return pd.DataFrame(list(rows), columns=fields, dtype=object).to_csv(index=False, lineterminator="\n")
 
 
 # ------------------------------------------------------------------------------------------ one run
@@ -370,5 +357,5 @@ def compare_columns(runs: Sequence[Run]) -> tuple[tuple, tuple, tuple]:
 
 
 __all__ = ["RUN_COLUMNS", "GROUP_COLUMNS", "aggregate", "csv_text", "flatten", "markdown_table",
-           "mean_std", "plot_compare_bars", "run_records", "run_report_markdown", "run_summary_text", "text_table",
+           "seed_stats", "plot_compare_bars", "run_records", "run_report_markdown", "run_summary_text", "text_table",
            "write_compare"]

@@ -24,9 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from tqdm.auto import tqdm
+
+from migu.config import load_config
 from migu.report.plots import new_figure, save
-from migu.report.rundata import METRIC_KEYS, ReportError, find_run_dirs, load_run
-from migu.report.tables import fmt_mean_std, mean_std
+from migu.metrics import METRIC_KEYS
+from migu.report.rundata import ReportError, find_run_dirs, load_run
+from migu.report.tables import fmt_mean_std, seed_stats
+from migu.train import run
 
 THRESHOLD_KEY = "migu.threshold"
 THRESHOLD_FIXED = ("migu.enabled=true", "compare_migu=false")
@@ -123,9 +128,6 @@ def plan(grid: dict[str, list[str]], out: str | Path) -> list[Point]:
 # ------------------------------------------------------------------------------------------ running
 def default_runner(config_path: Optional[str], overrides: list[str], path: Path, resume: bool, quiet: bool) -> None:
     """Run one point with the runner's Python API (`migu.train.run`); a resumed point uses its config.yaml."""
-    from migu.config import load_config
-    from migu.train import run
-
     if resume and (path / "config.yaml").is_file():
         cfg = load_config(path / "config.yaml")  # continue exactly what was started
     else:
@@ -145,8 +147,6 @@ def run_sweep(config_path: Optional[str], grid: dict[str, list[str]], out: str |
         overrides: `--set` items applied before each point's grid values.
         runner: `runner(config_path, overrides, path, resume, quiet)`; default `default_runner`.
     """
-    from tqdm.auto import tqdm
-
     runner = runner or default_runner
     log = log or (lambda text: tqdm.write(text, file=sys.stderr))
     points = plan(grid, out)
@@ -204,17 +204,7 @@ def x_key(grid: dict[str, list[str]]) -> Optional[str]:
 def summarize_sweep(records: Sequence[dict], grid: dict[str, list[str]]) -> list[dict]:
     """Records grouped over `seed` (when swept): one row per combination of the other keys (+ MIGU on/off)."""
     keys = [k for k in grid if k != "seed"]
-    groups: dict = {}
-    for r in records:
-        groups.setdefault((*(r.get(k) for k in keys), r["method"], r["migu"]), []).append(r)
-    rows = []
-    for key, members in groups.items():
-        row = dict(zip(keys, key[: len(keys)]))
-        row.update({"method": key[-2], "migu": key[-1], "n": len(members)})
-        for metric in METRIC_KEYS + ("wall_time_s",):
-            mean, std, _ = mean_std(m[metric] for m in members)
-            row[f"{metric}_mean"], row[f"{metric}_std"] = mean, std
-        rows.append(row)
+    rows = seed_stats(records, [*keys, "method", "migu"], METRIC_KEYS + ("wall_time_s",)).to_dict("records")
     # grid order: sort by each key's position in its value list
     order = {k: {v: i for i, v in enumerate(grid[k])} for k in keys}
     rows.sort(key=lambda r: tuple(order[k].get(r[k], 0) for k in keys) + (r["migu"],))
