@@ -20,7 +20,7 @@ parameters and AdamW state with torch.distributed.checkpoint (DCP) into `checkpo
 rank ever holds the whole state; DCP reshards on load, so the run resumes with any number of processes,
 one (an unsharded model) included. `full` — whole tensors gathered with `full_state_dict=True`, written
 by rank 0 in the ordinary format (params.safetensors): every rank holds the whole state once per
-checkpoint, fine for small models. Either format resumes under either engine and process count.
+checkpoint, fine for small models. Either format resumes with any process count, one (no FSDP) included.
 
     sharded_writer(model, optimizer)(directory)   # a collective: every rank writes its shards
     load_sharded(model, directory, optimizer)     # into a sharded or a plain model, any process count
@@ -211,11 +211,20 @@ def sharded_writer(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] 
         import torch.distributed.checkpoint as dcp
 
         try:
-            dcp.save(_state(model, optimizer), storage_writer=dcp.FileSystemWriter(str(directory)))
+            with _single_process_is_meant():
+                dcp.save(_state(model, optimizer), storage_writer=dcp.FileSystemWriter(str(directory)))
         except BaseException as err:
             _raise_first(err)
 
     return write
+
+
+@contextlib.contextmanager
+def _single_process_is_meant():
+    """DCP warns when it runs without a process group: one plain process is what we mean there."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (load|save) in a single process")
+        yield
 
 
 def _metadata(directory: Path):
@@ -234,8 +243,7 @@ def _dcp_load(state: dict, directory: Path, no_dist: bool = False) -> None:
     import torch.distributed.checkpoint as dcp
 
     no_dist = no_dist or not (dist.is_available() and dist.is_initialized())
-    with warnings.catch_warnings():  # one process without a group is what we mean: say nothing
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+    with _single_process_is_meant():
         try:
             dcp.load(state, storage_reader=dcp.FileSystemReader(str(directory)), no_dist=no_dist)
         except BaseException as err:

@@ -206,6 +206,48 @@ def test_a_damaged_shard_is_named_and_the_run_resumes_from_previous(stopped, sin
     _assert_same_training(run, single)  # task 2 trained again from task 1's sharded checkpoint
 
 
+def test_sharded_checkpoint_in_one_process_round_trips_and_a_failed_write_keeps_the_previous(tmp_path):
+    """RunDir with a DCP writer and no process group: meta.json lists the shard files; loading restores
+    parameters and AdamW state exactly; a shard write that fails (no space) is a WriteError naming dcp/,
+    leaves `last` as it was and no temporary directory."""
+    import errno
+
+    from migu.fsdp import load_sharded, sharded_writer
+    from migu.rundir import RunDir, WriteError
+
+    model = make("llama")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids, mask = batch(4, seed=1)
+    lm_loss_sum(model, ids, mask).backward()
+    opt.step()
+    rd = RunDir.create(tmp_path / "run")
+    rd.save_checkpoint(None, {"m": 1}, {"finished_tasks": 0}, {"optimizer": None}, shards=sharded_writer(model, opt))
+    ckpt = rd.load_latest(training=True)
+    assert ckpt.tensors is None and ckpt.sharded == tmp_path / "run" / "checkpoints" / "last" / "dcp"
+    assert sorted(ckpt.meta["files"]) == ["dcp/.metadata", "dcp/__0_0.distcp", "method.pt", "training.pt"]
+    again = make("llama")
+    with torch.no_grad():
+        for p in again.parameters():
+            p.zero_()
+    opt2 = torch.optim.AdamW(again.parameters(), lr=1e-2)
+    load_sharded(again, ckpt.sharded, opt2)
+    for (name, want), got in zip(model.named_parameters(), again.parameters()):
+        assert torch.equal(got, want), name
+    for p, q in zip(model.parameters(), again.parameters()):
+        assert torch.equal(opt.state[p]["exp_avg_sq"], opt2.state[q]["exp_avg_sq"])
+    assert torch.equal(RunDir(tmp_path / "run").load_checkpoint()[0]["lm_head.weight"], model.lm_head.weight)
+
+    def full(directory):
+        directory.mkdir()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(WriteError, match=r"cannot write \S+/checkpoints/last/dcp: No space left on device \(ENOSPC\); "
+                                         r"the previous checkpoint and summary are intact"):
+        rd.save_checkpoint(None, {"m": 2}, {"finished_tasks": 1}, shards=full)
+    assert rd.load_latest().meta["finished_tasks"] == 0
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["last"]
+
+
 def test_every_checkpoint_damaged_names_each_shard(stopped):
     from migu.rundir import RunDir, RunDirError
 
