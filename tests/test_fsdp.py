@@ -188,12 +188,11 @@ def test_fsdp_run_resumes_in_one_process(stopped, single):
     _assert_same_training(stopped["copy"], single)
 
 
+@pytest.mark.parametrize("stopped", ["sharded"], indirect=True)
 def test_a_damaged_shard_is_named_and_the_run_resumes_from_previous(stopped, single, capsys):
     """A flipped byte in rank 1's shard of the step checkpoint: named, and task 1's checkpoint is used."""
     from migu.cli import main
 
-    if stopped["format"] != "sharded":
-        pytest.skip("the whole-tensor format's damage handling: tests/test_reliability.py")
     run = stopped["damaged"]
     shard = run / "checkpoints" / "last" / "dcp" / "__1_0.distcp"
     data = bytearray(shard.read_bytes())
@@ -248,11 +247,10 @@ def test_sharded_checkpoint_in_one_process_round_trips_and_a_failed_write_keeps_
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["last"]
 
 
+@pytest.mark.parametrize("stopped", ["sharded"], indirect=True)
 def test_every_checkpoint_damaged_names_each_shard(stopped):
     from migu.rundir import RunDir, RunDirError
 
-    if stopped["format"] != "sharded":
-        pytest.skip("sharded format only")
     run = stopped["broken"]
     (run / "checkpoints" / "last" / "dcp" / "__0_0.distcp").write_bytes(b"\0" * 10)
     (run / "checkpoints" / "previous" / "dcp" / ".metadata").unlink()
