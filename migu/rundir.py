@@ -91,6 +91,29 @@ def _broadcast(value):
     return value
 
 
+def _shared_digests(tmp: Path) -> dict:
+    """meta.json's entries of the DCP files in `tmp`: each rank hashes its share, every rank gets them all.
+
+    An I/O error on any rank is raised on every rank (so none waits for the others forever).
+    """
+    dist = torch.distributed
+    files = sorted(p for p in (tmp / SHARDS).rglob("*") if p.is_file())  # the same list on every rank
+    group = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if group else (0, 1)
+    try:
+        part = ({p.relative_to(tmp).as_posix(): digest(p) for p in files[rank::world]}, None)
+    except OSError as err:
+        part = ({}, err)
+    parts = [part]
+    if group:
+        parts = [None] * world
+        dist.all_gather_object(parts, part)
+    for _, err in parts:
+        if err is not None:
+            raise err
+    return {name: d for found, _ in parts for name, d in found.items()}
+
+
 def _on_main(fn: Callable[[], None]) -> None:
     """Run `fn` on rank 0 only; a RunDirError it raises is raised on every rank (same one-line message)."""
     error = None
@@ -317,12 +340,14 @@ class RunDir:
         tmp = Path(_broadcast(str(box.get("tmp"))))
         try:
             shards(tmp / SHARDS)  # DCP: collective; a rank's failure is raised on every rank
+            digests = _shared_digests(tmp)
         except BaseException as err:
             if is_main_process():
                 shutil.rmtree(tmp, ignore_errors=True)
             raise _write_error(self.path / CHECKPOINT / SHARDS, err, f"the previous checkpoint and summary are "
                                f"intact; free space and continue with: migu run --resume {self.path}") from None
-        _on_main(lambda: self._write_checkpoint(tmp, None, method_state, meta, training))
+        _on_main(lambda: self._write_checkpoint(tmp, None, method_state, {**meta, "sharded": SHARDS}, training,
+                                                digests))
 
     def _temporary(self) -> Path:
         last = self.path / CHECKPOINT
@@ -333,17 +358,13 @@ class RunDir:
             raise _write_error(last, err, "the previous checkpoint is intact") from None
 
     def _write_checkpoint(self, tmp: Path, tensors: Optional[dict[str, torch.Tensor]], method_state: dict, meta: dict,
-                          training: Optional[dict]) -> None:
+                          training: Optional[dict], digests: Optional[dict] = None) -> None:
         from safetensors.torch import save_file
 
         last = self.path / CHECKPOINT
         target = tmp
         try:
-            files = {}
-            if (tmp / SHARDS).is_dir():  # every rank's shards, written already (DCP fsyncs them)
-                for path in sorted(p for p in (tmp / SHARDS).rglob("*") if p.is_file()):
-                    files[path.relative_to(tmp).as_posix()] = digest(path)
-                meta = {**meta, "sharded": SHARDS}
+            files = dict(digests or {})  # a sharded checkpoint's DCP files, written and hashed by every rank
             if tensors is not None:
                 target = tmp / "params.safetensors"
                 save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(target))
