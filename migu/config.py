@@ -137,6 +137,8 @@ class TrainConfig:
     """`auto`: cuda:LOCAL_RANK when CUDA is available, else cpu; `cpu`; `cuda`."""
     engine: str = "ddp"
     """Data-parallel engine under torchrun / accelerate launch: `ddp` (replicas), `fsdp` (torch FSDP2: parameters, gradients and AdamW state sharded over the processes; full fine-tuning methods, fp32/bf16); `deepspeed` is refused with the reason (docs/distributed.md)."""
+    fsdp_checkpoint: str = "sharded"
+    """Checkpoints of train.engine=fsdp: `sharded` (each rank writes its shards with torch.distributed.checkpoint into checkpoints/last/dcp/; no rank holds the whole state) or `full` (whole tensors gathered, params.safetensors: every rank holds the whole state once per checkpoint). Either resumes with any process count."""
     dist_timeout_s: float = 1800.0
     """Seconds a process waits for the others in a collective before failing (a dead peer never hangs a run forever); must exceed the longest rank-0-only work, e.g. writing a checkpoint."""
     task_epochs: Optional[dict[str, int]] = None
@@ -160,6 +162,8 @@ class TrainConfig:
                "must be 'auto', 'fp32', 'bf16' or 'fp16'")
         _check(self.device in ("auto", "cpu", "cuda"), "train.device", self.device, "must be 'auto', 'cpu' or 'cuda'")
         _check(self.engine in ENGINES, "train.engine", self.engine, "must be 'ddp', 'fsdp' or 'deepspeed'")
+        _check(self.fsdp_checkpoint in ("sharded", "full"), "train.fsdp_checkpoint", self.fsdp_checkpoint,
+               "must be 'sharded' or 'full'")
         _check(self.dist_timeout_s > 0, "train.dist_timeout_s", self.dist_timeout_s, "must be > 0")
         for task, n in (self.task_epochs or {}).items():
             _check(n >= 1, f"train.task_epochs.{task}", n, "must be >= 1")

@@ -15,22 +15,31 @@ Under `train.precision: bf16` the block parameters are all-gathered and computed
 gradients reduced in float32 (`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`); the
 sharded master weights and AdamW state stay float32.
 
-Checkpoints hold whole tensors (gathered with torch.distributed.checkpoint.state_dict's
-`full_state_dict=True`; rank 0 writes them in the ordinary checkpoint format), so a run resumes with
-any number of processes, including one, and a single-process checkpoint resumes under FSDP. This is
-the small-model choice: the gathered tensors pass through every rank's memory once per checkpoint
-(see docs/distributed.md for what a sharded DCP checkpoint would change).
+Checkpoints (`train.fsdp_checkpoint`): `sharded` (default) — every rank writes its own shards of the
+parameters and AdamW state with torch.distributed.checkpoint (DCP) into `checkpoints/last/dcp/`, so no
+rank ever holds the whole state; DCP reshards on load, so the run resumes with any number of processes,
+one (an unsharded model) included. `full` — whole tensors gathered with `full_state_dict=True`, written
+by rank 0 in the ordinary format (params.safetensors): every rank holds the whole state once per
+checkpoint, fine for small models. Either format resumes with any process count, one (no FSDP) included.
+
+    sharded_writer(model, optimizer)(directory)   # a collective: every rank writes its shards
+    load_sharded(model, directory, optimizer)     # into a sharded or a plain model, any process count
+    sharded_names(directory) / read_sharded(directory)   # parameter names / whole tensors, one process
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 __all__ = ["shard_model", "is_sharded", "full_parameters", "full_state", "load_full", "full_optimizer_state",
-           "load_full_optimizer_state", "blocks"]
+           "load_full_optimizer_state", "blocks", "sharded_writer", "load_sharded", "sharded_names",
+           "read_sharded"]
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
@@ -159,3 +168,110 @@ def _to_cpu(obj):
     if isinstance(obj, list):
         return [_to_cpu(v) for v in obj]
     return obj
+
+
+# ------------------------------------------------------------------------------ sharded (DCP) checkpoints
+def _reshard(model: nn.Module) -> None:
+    if is_sharded(model):  # the root's unsharded parameters would rename a tied head (see full_state)
+        for m in _fsdp_modules(model):
+            m.reshard()
+
+
+def _state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict:
+    """{"model": trainable parameters, "optim": AdamW state}: this rank's DTensor shards, keyed by name.
+
+    The values are the parameters' and optimizer's own storage (no copy), so `dcp.load` fills them in place.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    _reshard(model)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = {"model": {n: t for n, t in get_model_state_dict(model).items() if n in names}}
+    if optimizer is not None:  # an optimizer that has not stepped yet gets its state initialised (lr 0)
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    return state
+
+
+def _raise_first(err: BaseException) -> None:
+    """DCP gathers the ranks' failures into a CheckpointException (a BaseException): raise the first one."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(err, CheckpointException) and err.failures:
+        first, _ = err.failures[min(err.failures)]
+        raise first from None
+    raise err
+
+
+def sharded_writer(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> Callable[[Path], None]:
+    """`write(directory)`: this rank's shards of the parameters (and optimizer state) into a DCP directory.
+
+    A collective: every rank calls it with the same directory (a shared filesystem across nodes).
+    """
+    def write(directory: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        try:
+            with _single_process_is_meant():
+                dcp.save(_state(model, optimizer), storage_writer=dcp.FileSystemWriter(str(directory)))
+        except BaseException as err:
+            _raise_first(err)
+
+    return write
+
+
+@contextlib.contextmanager
+def _single_process_is_meant():
+    """DCP warns when it runs without a process group: one plain process is what we mean there."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (load|save) in a single process")
+        yield
+
+
+def _metadata(directory: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+
+
+def sharded_names(directory: Path) -> set[str]:
+    """The parameter names a DCP checkpoint holds (read from its .metadata)."""
+    return {key[len("model."):] for key in _metadata(directory) if key.startswith("model.")}
+
+
+def _dcp_load(state: dict, directory: Path, no_dist: bool = False) -> None:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    no_dist = no_dist or not (dist.is_available() and dist.is_initialized())
+    with _single_process_is_meant():
+        try:
+            dcp.load(state, storage_reader=dcp.FileSystemReader(str(directory)), no_dist=no_dist)
+        except BaseException as err:
+            _raise_first(err)
+
+
+def load_sharded(model: nn.Module, directory: Path, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+    """Load a DCP checkpoint into `model` (and `optimizer`): FSDP with any process count, or one plain process.
+
+    DCP reads from every rank's files the rows this rank holds (resharding when the process count changed).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
+        set_optimizer_state_dict
+
+    state = _state(model, optimizer)
+    _dcp_load(state, directory)
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))  # tied keys: not saved
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+
+
+def read_sharded(directory: Path) -> dict[str, torch.Tensor]:
+    """{name: whole tensor} of a DCP checkpoint's parameters, in this one process (reports, tests)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    tensors = {key[len("model."):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+               for key, meta in _metadata(directory).items()
+               if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+    state = {"model": tensors}
+    _dcp_load(state, directory, no_dist=True)
+    return state["model"]

@@ -3,7 +3,10 @@
 A checkpoint directory's meta.json records each file's size and sha256 (`digest`); `load_verified`
 checks them before any file is parsed, so a truncated or corrupted file is named (`Damaged`) instead of
 being loaded as garbage or ending in a safetensors traceback. Checkpoints written by older versions
-carry no digests: there a file that fails to parse is reported the same way.
+carry no digests: there a file that fails to parse is reported the same way. An FSDP checkpoint in the
+sharded format keeps its parameters and optimizer state in the DCP directory `dcp/` (every rank's shard
+files and `.metadata`, each listed in meta.json) instead of params.safetensors; `Checkpoint.sharded` is
+that directory and `tensors` is None (migu.fsdp loads it).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+SHARDS = "dcp"  # a sharded checkpoint's DCP directory (migu.fsdp)
 
 
 def io_reason(err: BaseException) -> Optional[str]:
@@ -50,6 +55,7 @@ class Checkpoint:
     training: Optional[dict] = None
     where: Optional[Path] = None
     damaged: list = field(default_factory=list)  # "<file> <why>" of newer checkpoints passed over
+    sharded: Optional[Path] = None  # the DCP directory of a sharded (FSDP) checkpoint; `tensors` is then None
 
 
 class Damaged(Exception):
@@ -72,7 +78,10 @@ def fsync_dir(path: Path) -> None:
 
 
 def load_verified(where: Path, training: bool) -> tuple:
-    """(tensors, method_state, meta, training state or None) of one checkpoint directory, or `Damaged`."""
+    """(tensors, method_state, meta, training state or None) of one checkpoint directory, or `Damaged`.
+
+    A sharded checkpoint's DCP files are verified here too; its tensors (None) are loaded by migu.fsdp.
+    """
     from safetensors.torch import load_file
 
     try:
@@ -92,9 +101,13 @@ def load_verified(where: Path, training: bool) -> tuple:
             raise Damaged(name, f"is damaged (truncated? {size} bytes, {want['bytes']} expected)")
         if digest(where / name)["sha256"] != want["sha256"]:
             raise Damaged(name, "is damaged (its sha256 differs from meta.json's)")
+    sharded = meta.get("sharded")
+    if sharded and f"{sharded}/.metadata" not in (files or {}):
+        raise Damaged(f"{sharded}/.metadata", "is not listed in meta.json (an incomplete sharded checkpoint)")
     loaded = []
     for name in ("params.safetensors", "method.pt", "training.pt"):
-        if name == "training.pt" and (not training or name not in (files or {})):
+        if (name == "training.pt" and (not training or name not in (files or {}))) or \
+                (sharded and name == "params.safetensors"):
             loaded.append(None)
             continue
         try:

@@ -8,7 +8,8 @@
              summary.json           AA, BWT, FWT, forgetting, matrix, method, migu, seed, wall time, versions
              checkpoints/last/      params.safetensors, method.pt, meta.json (+ training.pt in a step
                                     checkpoint: optimizer, loss scaler, RNG states); meta.json records
-                                    each file's size and sha256
+                                    each file's size and sha256. FSDP's sharded format: dcp/ (every
+                                    rank's shards of parameters and optimizer state) for params.safetensors
              checkpoints/previous/  the checkpoint before `last` (the fallback when `last` is damaged)
              .lock                  the writer's lock (migu.runlock): one writing process at a time
 
@@ -36,7 +37,7 @@ from typing import Callable, Optional
 
 import torch
 
-from migu.integrity import Checkpoint, Damaged, digest, fsync_dir, io_reason, load_verified
+from migu.integrity import SHARDS, Checkpoint, Damaged, digest, fsync_dir, io_reason, load_verified
 from migu.runlock import LOCK, RunLock
 
 CONFIG = "config.yaml"
@@ -89,6 +90,29 @@ def _broadcast(value):
         dist.broadcast_object_list(box, src=0)
         return box[0]
     return value
+
+
+def _shared_digests(tmp: Path) -> dict:
+    """meta.json's entries of the DCP files in `tmp`: each rank hashes its share, every rank gets them all.
+
+    An I/O error on any rank is raised on every rank (so none waits for the others forever).
+    """
+    dist = torch.distributed
+    files = sorted(p for p in (tmp / SHARDS).rglob("*") if p.is_file())  # the same list on every rank
+    group = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if group else (0, 1)
+    try:
+        part = ({p.relative_to(tmp).as_posix(): digest(p) for p in files[rank::world]}, None)
+    except OSError as err:
+        part = ({}, err)
+    parts = [part]
+    if group:
+        parts = [None] * world
+        dist.all_gather_object(parts, part)
+    for _, err in parts:
+        if err is not None:
+            raise err
+    return {name: d for found, _ in parts for name, d in found.items()}
 
 
 def _on_main(fn: Callable[[], None]) -> None:
@@ -297,31 +321,55 @@ class RunDir:
         self.write_text(METRICS, "".join(json.dumps(r, default=_jsonable) + "\n" for r in records))
 
     # ----------------------------------------------------------------------------- checkpoints
-    def save_checkpoint(self, tensors: dict[str, torch.Tensor], method_state: dict, meta: dict,
-                        training: Optional[dict] = None) -> None:
+    def save_checkpoint(self, tensors: Optional[dict[str, torch.Tensor]], method_state: dict, meta: dict,
+                        training: Optional[dict] = None, shards: Optional[Callable[[Path], None]] = None) -> None:
         """Write checkpoints/last atomically; the former `last` becomes `previous` (older ones are deleted).
 
         The files go to a temporary directory first (fsynced, sizes and sha256 in meta.json), then two
         renames: `last` → `previous`, temporary → `last`. A kill between them leaves only `previous`,
         which `load_latest` falls back to; a failed write (`WriteError`) leaves both untouched.
         `training`: the optimizer / RNG state of a step checkpoint (training.pt), None between tasks.
+        `shards`: FSDP's sharded state (migu.fsdp.sharded_writer): every rank calls this method and writes
+        its shards into `<temporary>/dcp/` first (`tensors` is then None); rank 0 writes the rest.
         """
-        if not is_main_process():
+        if shards is None:
+            if is_main_process():
+                self._write_checkpoint(self._temporary(), tensors, method_state, meta, training)
             return
-        from safetensors.torch import save_file
+        box = {}
+        _on_main(lambda: box.update(tmp=self._temporary()))  # every rank gets rank 0's error, if any
+        tmp = Path(_broadcast(str(box.get("tmp"))))
+        try:
+            shards(tmp / SHARDS)  # DCP: collective; a rank's failure is raised on every rank
+            digests = _shared_digests(tmp)
+        except BaseException as err:
+            if is_main_process():
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise _write_error(self.path / CHECKPOINT / SHARDS, err, f"the previous checkpoint and summary are "
+                               f"intact; free space and continue with: migu run --resume {self.path}") from None
+        _on_main(lambda: self._write_checkpoint(tmp, None, method_state, {**meta, "sharded": SHARDS}, training,
+                                                digests))
 
+    def _temporary(self) -> Path:
         last = self.path / CHECKPOINT
         try:
             last.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=last.parent, prefix=".last."))
+            return Path(tempfile.mkdtemp(dir=last.parent, prefix=".last."))
         except OSError as err:
             raise _write_error(last, err, "the previous checkpoint is intact") from None
+
+    def _write_checkpoint(self, tmp: Path, tensors: Optional[dict[str, torch.Tensor]], method_state: dict, meta: dict,
+                          training: Optional[dict], digests: Optional[dict] = None) -> None:
+        from safetensors.torch import save_file
+
+        last = self.path / CHECKPOINT
         target = tmp
         try:
-            files = {}
-            target = tmp / "params.safetensors"
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(target))
-            files[target.name] = digest(target)
+            files = dict(digests or {})  # a sharded checkpoint's DCP files, written and hashed by every rank
+            if tensors is not None:
+                target = tmp / "params.safetensors"
+                save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(target))
+                files[target.name] = digest(target)
             for name, obj in (("method.pt", method_state), ("training.pt", training)):
                 if obj is None:
                     continue
@@ -355,9 +403,18 @@ class RunDir:
             self.clean_temporaries()  # the previous `previous`, moved aside above
 
     def load_checkpoint(self) -> Optional[tuple[dict[str, torch.Tensor], dict, dict]]:
-        """`(tensors, method_state, meta)` of the newest intact checkpoint (see `load_latest`), or None."""
+        """`(tensors, method_state, meta)` of the newest intact checkpoint (see `load_latest`), or None.
+
+        A sharded (FSDP) checkpoint's parameters are read whole into this one process.
+        """
         ckpt = self.load_latest()
-        return None if ckpt is None else (ckpt.tensors, ckpt.method_state, ckpt.meta)
+        if ckpt is None:
+            return None
+        if ckpt.sharded is not None:
+            from migu.fsdp import read_sharded
+
+            return read_sharded(ckpt.sharded), ckpt.method_state, ckpt.meta
+        return ckpt.tensors, ckpt.method_state, ckpt.meta
 
     def load_latest(self, training: bool = False) -> Optional["Checkpoint"]:
         """The newest checkpoint whose files all match meta.json: `last`, else `previous`; None if none exists.
@@ -372,7 +429,9 @@ class RunDir:
             if not where.is_dir():
                 continue
             try:
-                return Checkpoint(*load_verified(where, training), where=where, damaged=damaged)
+                tensors, method_state, meta, state = load_verified(where, training)
+                return Checkpoint(tensors, method_state, meta, state, where=where, damaged=damaged,
+                                  sharded=where / SHARDS if meta.get("sharded") else None)
             except Damaged as err:
                 damaged.append(f"{_relative(where / err.file, self.path)} {err.why}")
         if damaged:

@@ -192,17 +192,22 @@ def _saved_parameters(model, base_ids: set[int]) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad or id(p) not in base_ids}
 
 
-def _load_parameters(model, tensors: dict[str, torch.Tensor], where: Path) -> None:
+def _load_parameters(model, ckpt, optimizer=None) -> None:
+    """The checkpoint's parameters (and, given `optimizer`, a sharded checkpoint's optimizer state)."""
+    names = fsdp.sharded_names(ckpt.sharded) if ckpt.sharded is not None else ckpt.tensors
     params = dict(model.named_parameters())
-    missing = [n for n in tensors if n not in params]
+    missing = [n for n in names if n not in params]
     if missing:
-        raise RunDirError(f"{where}: checkpoint parameter {missing[0]!r} is not in the model; "
+        raise RunDirError(f"{ckpt.where}: checkpoint parameter {missing[0]!r} is not in the model; "
                           f"was the run made with another method or model?")
+    if ckpt.sharded is not None:  # DCP reshards: any process count wrote it, sharded model or not
+        fsdp.load_sharded(model, ckpt.sharded, optimizer)
+        return
     if fsdp.is_sharded(model):  # each rank keeps its rows of the whole tensors (any process count wrote them)
-        fsdp.load_full(model, tensors)
+        fsdp.load_full(model, ckpt.tensors)
         return
     with torch.no_grad():
-        for name, value in tensors.items():
+        for name, value in ckpt.tensors.items():
             params[name].copy_(value)
 
 
@@ -350,11 +355,11 @@ class _Run:
         ckpt = self.rd.load_latest(training=True) if self.resume else None  # verified; damaged → the previous
         done = 0  # optimizer steps of phase `finished` already in a step checkpoint
         if ckpt is not None:
-            tensors, method_state, meta = ckpt.tensors, ckpt.method_state, ckpt.meta
+            method_state, meta = ckpt.method_state, ckpt.meta
             for note in ckpt.damaged:
                 self.out.line(f"{note}: resuming from {ckpt.where} instead")
             self.method.load_state_dict(method_state)  # before the weights: it may recreate adapters
-            _load_parameters(self.model, tensors, ckpt.where)
+            _load_parameters(self.model, ckpt)
             finished, rows, r0 = meta["finished_tasks"], meta["rows"], meta.get("r0", r0)
             elapsed = float(meta.get("elapsed_s", elapsed))
             if meta.get("step"):
@@ -406,10 +411,11 @@ class _Run:
                 rows.append(self._evaluate(index, name))
                 total = elapsed + time.time() - started
                 if self.cfg.train.checkpoint:
-                    tensors = _saved_parameters(self.model, self.base_ids)
+                    shards = self._shards()
+                    tensors = None if shards else _saved_parameters(self.model, self.base_ids)
                     self.rd.save_checkpoint(tensors, self.method.state_dict(), {
                         "finished_tasks": index + 1, "rows": rows, "r0": r0, "row_names": row_names[:index + 1],
-                        "elapsed_s": total})
+                        "elapsed_s": total}, shards=shards)
                 self._save_state(index + 1, r0, rows, total, "running")
                 signum = self.schedule.stop_requested()  # a signal during evaluation: stop at this boundary
                 if signum is not None and index + 1 < len(self.phases):
@@ -517,10 +523,10 @@ class _Run:
         if ckpt is None:
             return 0, [], None
         self.method.load_state_dict(ckpt.method_state)
-        _load_parameters(self.model, ckpt.tensors, ckpt.where)
-        if self.cfg.train.engine == "fsdp":  # whole tensors keyed by name: any process count wrote them
+        _load_parameters(self.model, ckpt, optimizer)  # a sharded checkpoint: the optimizer state as well
+        if ckpt.sharded is None and self.cfg.train.engine == "fsdp":  # whole tensors keyed by name: any process count
             fsdp.load_full_optimizer_state(self.model, optimizer, ckpt.training["optimizer"])
-        else:
+        elif ckpt.sharded is None:
             optimizer.load_state_dict(ckpt.training["optimizer"])
         if runner.scaler is not None and ckpt.training.get("scaler"):
             runner.scaler.load_state_dict(ckpt.training["scaler"])
@@ -535,18 +541,26 @@ class _Run:
             return
         if self.cfg.train.checkpoint:
             r0, rows, elapsed, started = self.progress
-            state = (fsdp.full_optimizer_state(self.model, optimizer) if self.cfg.train.engine == "fsdp"
-                     else optimizer.state_dict())
+            shards = self._shards(optimizer)  # sharded: parameters and optimizer state in its DCP directory
+            state = (None if shards else fsdp.full_optimizer_state(self.model, optimizer)
+                     if self.cfg.train.engine == "fsdp" else optimizer.state_dict())
             training = {"optimizer": state, "rng": preemption.all_rng_states(),
                         "scaler": runner.scaler.state_dict() if runner.scaler is not None else None}
-            self.rd.save_checkpoint(_saved_parameters(self.model, self.base_ids), self.method.state_dict(), {
+            self.rd.save_checkpoint(None if shards else _saved_parameters(self.model, self.base_ids),
+                                    self.method.state_dict(), {
                 "finished_tasks": index, "rows": rows, "r0": r0, "row_names": [n for n, _ in self.phases][:index],
                 "elapsed_s": elapsed + time.time() - started,
-                "step": {"phase": index, "epoch": epoch, "step": step, "losses": losses}}, training)
+                "step": {"phase": index, "epoch": epoch, "step": step, "losses": losses}}, training, shards=shards)
             self.schedule.saved()
         if signum is not None:
             raise preemption.Interrupted(signum, f"after step {step}/{n_steps} of task {index + 1}/{len(self.phases)} "
                                                  f"({name})", self.cfg.train.checkpoint)
+
+    def _shards(self, optimizer=None):
+        """The DCP writer of a sharded FSDP checkpoint (train.fsdp_checkpoint), else None (whole tensors)."""
+        if fsdp.is_sharded(self.model) and self.cfg.train.fsdp_checkpoint == "sharded":
+            return fsdp.sharded_writer(self.model, optimizer)
+        return None
 
     def _columns(self, stage: int) -> set[int]:
         """The matrix columns evaluated after phase `stage` (-1: the untrained model); see eval.matrix."""

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from migu import distributed
+from migu import distributed, fsdp
 from migu.config import ConfigError, load_config
 from migu.core import MIGU
 from migu.data import IGNORE_INDEX
@@ -49,7 +48,12 @@ def _free_port() -> int:
 
 
 def _params(run_dir: Path) -> dict:
-    return load_file(str(run_dir / "checkpoints" / "last" / "params.safetensors"))
+    """The final checkpoint's parameters, whole (an FSDP run's sharded DCP checkpoint read in this process)."""
+    from migu.rundir import RunDir
+
+    ckpt = RunDir(run_dir).load_latest()
+    assert ckpt.where == run_dir / "checkpoints" / "last"
+    return fsdp.read_sharded(ckpt.sharded) if ckpt.sharded is not None else ckpt.tensors
 
 
 def _kept(run_dir: Path) -> list:

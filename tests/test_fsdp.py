@@ -111,9 +111,10 @@ def test_fsdp2_equals_one_process_on_the_concatenated_batch(tmp_path, kind, thre
 
 # ------------------------------------------------------------------------------------------ the runner
 # `migu run --set train.engine=fsdp` with 2 processes: stopped by SIGTERM on rank 1 in task 2 (a step
-# checkpoint of whole tensors), resumed with 2 processes (torchrun) and, from a copy, with 1: both end
-# where the uninterrupted single-process run ends (tests/test_distributed.py's reference and settings:
-# a step of 8 rows dealt 4 + 4 in 2 micro-batches each, and a step of 1 row where rank 1 only pads)
+# checkpoint: DCP shards written by each rank, or whole tensors with train.fsdp_checkpoint=full), resumed
+# with 2 processes (torchrun) and, from a copy, with 1: both end where the uninterrupted single-process
+# run ends (tests/test_distributed.py's reference and settings: a step of 8 rows dealt 4 + 4 in 2
+# micro-batches each, and a step of 1 row where rank 1 only pads)
 
 FSDP = {**SETTINGS, "train.engine": "fsdp"}
 
@@ -138,16 +139,19 @@ def _launch(root, name, config, term=None):
     return codes, texts, dump
 
 
-@pytest.fixture(scope="module")
-def stopped(setup):
+@pytest.fixture(scope="module", params=["sharded", "full"])
+def stopped(setup, request):
     root, model, stream = setup
-    out = root / "fsdp"
-    config = tiny_yaml(root / "fsdp.yaml", model, stream, out, **FSDP)
-    codes, texts, dump = _launch(root, "fsdp", config, term="1:3")  # rank 1, first step of task 2
+    name = f"fsdp-{request.param}"
+    out = root / name
+    config = tiny_yaml(root / f"{name}.yaml", model, stream, out, **FSDP, **{"train.fsdp_checkpoint": request.param})
+    codes, texts, dump = _launch(root, name, config, term="1:3")  # rank 1, first step of task 2
     assert codes == [143, 143], texts
-    copy = root / "fsdp-copy"
-    shutil.copytree(out, copy)
-    return {"out": out, "copy": copy, "dump": dump}
+    copies = {}
+    for copy in ("copy", "damaged", "broken"):
+        copies[copy] = root / f"{name}-{copy}"
+        shutil.copytree(out, copies[copy])
+    return {"out": out, "dump": dump, "format": request.param, **copies}
 
 
 def test_fsdp_run_stops_with_a_step_checkpoint_and_resumes_with_two_processes(stopped, single):
@@ -155,8 +159,18 @@ def test_fsdp_run_stops_with_a_step_checkpoint_and_resumes_with_two_processes(st
     info = [torch.load(dump / f"rank{r}_fsdp.pt") for r in (0, 1)]
     assert [i["world"] for i in info] == [2, 2]
     assert info[0]["local_rows"] == info[1]["local_rows"] == info[0]["rows"] // 2  # the embedding, halved
-    meta = json.loads((out / "checkpoints" / "last" / "meta.json").read_text())
+    last = out / "checkpoints" / "last"
+    meta = json.loads((last / "meta.json").read_text())
     assert meta["step"] == {**meta["step"], "phase": 1, "step": 1}
+    training = torch.load(last / "training.pt")
+    if stopped["format"] == "sharded":  # each rank's shard file, DCP's metadata; the optimizer state in them
+        assert set(meta["files"]) == {"dcp/__0_0.distcp", "dcp/__1_0.distcp", "dcp/.metadata", "method.pt",
+                                      "training.pt"}
+        assert meta["sharded"] == "dcp" and training["optimizer"] is None
+        assert (out / "checkpoints" / "previous" / "dcp" / "__1_0.distcp").is_file()  # task 1's, sharded too
+    else:
+        assert "params.safetensors" in meta["files"] and "sharded" not in meta
+        assert training["optimizer"]["fsdp_full"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(WORKER), "run", "--resume", str(out), "--quiet"],
                           env=_env(MIGU_TEST_DUMP=str(dump)), capture_output=True, text=True, timeout=300)
@@ -172,6 +186,78 @@ def test_fsdp_run_resumes_in_one_process(stopped, single):
 
     assert main(["run", "--resume", str(stopped["copy"]), "--quiet"]) == 0
     _assert_same_training(stopped["copy"], single)
+
+
+@pytest.mark.parametrize("stopped", ["sharded"], indirect=True)
+def test_a_damaged_shard_is_named_and_the_run_resumes_from_previous(stopped, single, capsys):
+    """A flipped byte in rank 1's shard of the step checkpoint: named, and task 1's checkpoint is used."""
+    from migu.cli import main
+
+    run = stopped["damaged"]
+    shard = run / "checkpoints" / "last" / "dcp" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert main(["run", "--resume", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert (f"{shard} is damaged (its sha256 differs from meta.json's): resuming from "
+            f"{run / 'checkpoints' / 'previous'} instead") in err
+    _assert_same_training(run, single)  # task 2 trained again from task 1's sharded checkpoint
+
+
+def test_sharded_checkpoint_in_one_process_round_trips_and_a_failed_write_keeps_the_previous(tmp_path):
+    """RunDir with a DCP writer and no process group: meta.json lists the shard files; loading restores
+    parameters and AdamW state exactly; a shard write that fails (no space) is a WriteError naming dcp/,
+    leaves `last` as it was and no temporary directory."""
+    import errno
+
+    from migu.fsdp import load_sharded, sharded_writer
+    from migu.rundir import RunDir, WriteError
+
+    model = make("llama")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids, mask = batch(4, seed=1)
+    lm_loss_sum(model, ids, mask).backward()
+    opt.step()
+    rd = RunDir.create(tmp_path / "run")
+    rd.save_checkpoint(None, {"m": 1}, {"finished_tasks": 0}, {"optimizer": None}, shards=sharded_writer(model, opt))
+    ckpt = rd.load_latest(training=True)
+    assert ckpt.tensors is None and ckpt.sharded == tmp_path / "run" / "checkpoints" / "last" / "dcp"
+    assert sorted(ckpt.meta["files"]) == ["dcp/.metadata", "dcp/__0_0.distcp", "method.pt", "training.pt"]
+    again = make("llama")
+    with torch.no_grad():
+        for p in again.parameters():
+            p.zero_()
+    opt2 = torch.optim.AdamW(again.parameters(), lr=1e-2)
+    load_sharded(again, ckpt.sharded, opt2)
+    for (name, want), got in zip(model.named_parameters(), again.parameters()):
+        assert torch.equal(got, want), name
+    for p, q in zip(model.parameters(), again.parameters()):
+        assert torch.equal(opt.state[p]["exp_avg_sq"], opt2.state[q]["exp_avg_sq"])
+    assert torch.equal(RunDir(tmp_path / "run").load_checkpoint()[0]["lm_head.weight"], model.lm_head.weight)
+
+    def full(directory):
+        directory.mkdir()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(WriteError, match=r"cannot write \S+/checkpoints/last/dcp: No space left on device \(ENOSPC\); "
+                                         r"the previous checkpoint and summary are intact"):
+        rd.save_checkpoint(None, {"m": 2}, {"finished_tasks": 1}, shards=full)
+    assert rd.load_latest().meta["finished_tasks"] == 0
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["last"]
+
+
+@pytest.mark.parametrize("stopped", ["sharded"], indirect=True)
+def test_every_checkpoint_damaged_names_each_shard(stopped):
+    from migu.rundir import RunDir, RunDirError
+
+    run = stopped["broken"]
+    (run / "checkpoints" / "last" / "dcp" / "__0_0.distcp").write_bytes(b"\0" * 10)
+    (run / "checkpoints" / "previous" / "dcp" / ".metadata").unlink()
+    with pytest.raises(RunDirError, match=r"no intact checkpoint to resume from: \S*checkpoints/last/dcp/__0_0.distcp "
+                                          r"is damaged \(truncated\? 10 bytes.*checkpoints/previous/dcp/.metadata "
+                                          r"is missing; start again with --overwrite"):
+        RunDir(run).load_latest(training=True)
 
 
 def test_accelerate_launch_with_an_fsdp2_config_trains_sharded(setup, tmp_path):
