@@ -19,6 +19,20 @@ Learning of LLM via General Samples Replay"; reference code Qznan/GeRe) in:
   the band, positive outside); base above: relu(hi - h); base below: relu(h - lo); summed over the
   general rows' real tokens and dimensions and divided by the number of nonzero terms (0 when none).
   A micro-batch without general rows trains on the task loss alone, as in the reference.
+
+Encoder-decoder models (T5, BART): a general text becomes a prefix-LM pair, the way T5-style models
+are trained on plain text (`encode_prefix_lm`): its tokens are split at the middle, the first half
+goes to the encoder (with the tokenizer's special tokens, like a prompt), the second half + eos is the
+decoder target. L_general is the decoder's token NLL over that continuation, and the band is on the
+*decoder's* last hidden state over the continuation's positions. Why the decoder's: it is the
+counterpart of the causal model's last hidden state — the state the LM head reads to predict the
+general text, i.e. the representation L_general trains — and through cross-attention its band also
+constrains the encoder, while banding the encoder's output would leave the whole decoder (where a
+task's answer is produced) free to drift. The batch layout stays the loop's: a general row is its
+prefix as `input_ids` with all -100 labels (the loop's task loss and decoder ignore it); `extra_loss`
+takes the loop's encoder states of those rows and runs the decoder once more on their continuations
+(no second encoder pass), so both losses reach encoder and decoder; MIGU, when on, counts those
+decoder positions with their own decoder mask. Cost: one decoder pass over the general rows.
 """
 
 from __future__ import annotations
