@@ -239,7 +239,10 @@ class GeRe(SeqFT):
         """(outputs, padded labels) of the decoder on labels `targets` from given encoder states (no encoder pass)."""
         from transformers.modeling_outputs import BaseModelOutput
 
-        labels = collate([{"input_ids": [0], "labels": t} for t in targets], 0)["labels"].to(encoder_states.device)
+        labels = torch.full((len(targets), max(map(len, targets))), IGNORE_INDEX, dtype=torch.long)
+        for row, target in enumerate(targets):  # right-padded with -100, as `collate` pads labels
+            labels[row, :len(target)] = torch.tensor(target, dtype=torch.long)
+        labels = labels.to(encoder_states.device)
         return model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states), attention_mask=attention_mask,
                      decoder_input_ids=decoder_input_ids(model, labels),
                      decoder_attention_mask=(labels[:, 1:] != IGNORE_INDEX).long(), output_hidden_states=True,
