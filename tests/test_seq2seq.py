@@ -9,10 +9,12 @@ from safetensors.torch import load_file
 
 from migu.core import MIGU
 from migu.data import Example, Task, collate
-from migu.data.seq2seq import encode_seq2seq, encode_sources
+from migu.data.seq2seq import _special_ends, encode_seq2seq, encode_sources
 from migu.evaluate import evaluate_task
 from migu.methods import METHODS
-from migu.seq2seq import token_logprobs
+from migu.methods.base import Context
+from migu.methods.gere import DEFAULT_GENERAL_FILE, GeRe, GereOptions, margin_loss, read_general_texts
+from migu.seq2seq import forward, token_logprobs
 from migu.models import ModelError, tiny_model, tiny_model_dir
 from migu.train import run, step_loss
 from tests.runner_helpers import final_rows, tiny_config, train_losses, write_stream
@@ -176,7 +178,7 @@ def test_an_architecture_neither_causal_nor_seq2seq_is_refused(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ every method
-RUNNABLE = sorted(m for m in METHODS if m != "gere")
+RUNNABLE = sorted(METHODS)
 
 
 def _cfg(t5_dir, stream, out, method, migu):
@@ -198,7 +200,7 @@ def test_every_method_trains_t5_and_resumes_identically(tmp_path, t5_dir, stream
     base = load_file(str(t5_dir / "model.safetensors"))
     trained = [n for n in saved if n.replace("base_model.model.", "") in base]
     assert ("lora" in method) == (not trained)
-    if method == "i-lora":  # its consistency loss on T5's encoder and decoder states ran
+    if method in ("i-lora", "gere"):  # I-LoRA's consistency loss, GeRe's general-text loss ran on T5
         records = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
         assert any(r.get("extra_loss") for r in records if r["type"] == "train")
     if len(summary["row_names"]) == 1:
@@ -222,10 +224,81 @@ def test_every_method_trains_t5_and_resumes_identically(tmp_path, t5_dir, stream
     assert train_losses(out) == losses and final_rows(out) == final_rows(ref)
 
 
-def test_gere_refuses_an_encoder_decoder_model_with_the_reason(tmp_path, t5_dir, stream):
-    with pytest.raises(ModelError, match="gere needs a decoder-only"):
-        run(_cfg(t5_dir, stream, tmp_path / "g", "gere", False), quiet=True)
-    assert not (tmp_path / "g").exists()
+def _gere_hand(model, tok, method, task_items, general):
+    """Hand computation: (L_task, L_general, hinge terms), each item alone through HF's own `labels` loss."""
+    def nll(source, labels):
+        out = model(input_ids=torch.tensor([source]), labels=torch.tensor([labels]), output_hidden_states=True)
+        return out.loss * len(labels), len(labels), out.decoder_hidden_states[-1][0]
+
+    task = [nll(item["input_ids"], item["labels"][1:]) for item in task_items]
+    gen, hinge = [], []
+    for item in general:
+        j = method.index[tuple(item["input_ids"])]
+        total, count, h = nll(item["input_ids"], method.targets[j][1:])
+        gen.append((total, count))
+        hinge.append(margin_loss(h, method.states[j], method.lo, method.hi).flatten())
+    mean = lambda pairs: sum(t for t, *_ in pairs) / sum(c for _, c, *_ in pairs)  # noqa: E731
+    return mean(task), mean(gen), torch.cat(hinge)
+
+
+def test_gere_on_t5_is_a_prefix_lm_with_a_band_on_the_decoder_states():
+    """GeRe's extra loss on a tiny T5 batch against a hand computation (L_general, L_task, margin)."""
+    model, tok = tiny_model("t5", seed=0)
+    model.eval()  # no dropout: the hand passes must see the same network
+    ctx = Context(model=model, tokenizer=tok, tasks=[], encode=lambda ex: encode_seq2seq(tok, ex, 64, 50), seed=0,
+                  log=lambda record: None)
+    method = GeRe(GereOptions(max_samples=16, rate=0.5, tm_weight=3.0))
+    method.before_task(0, [], ctx)
+    # a general text: its first half (with the tokenizer's specials) → encoder, the rest + eos → decoder target
+    texts = read_general_texts(DEFAULT_GENERAL_FILE, 16)
+    before, after = _special_ends(tok)
+    ids = tok(texts[3], add_special_tokens=False)["input_ids"][:63]
+    cut = len(ids) // 2
+    assert method.items[3]["input_ids"] == before + ids[:cut] + after
+    assert method.targets[3] == [-100] + ids[cut:] + [tok.eos_token_id]
+    assert set(method.items[3]["labels"]) == {-100}  # the loop's task loss ignores the row
+    # the band: the base model's decoder last hidden state over every continuation token, each text alone
+    with torch.no_grad():
+        hidden = torch.cat([model(input_ids=torch.tensor([item["input_ids"]]), labels=torch.tensor([target[1:]]),
+                                  output_hidden_states=True).decoder_hidden_states[-1][0]
+                            for item, target in zip(method.items, method.targets)])
+    mu, sigma = hidden.mean(0), hidden.std(0, unbiased=False)
+    torch.testing.assert_close(method.lo, mu - sigma, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(method.hi, mu + sigma, atol=1e-5, rtol=1e-5)
+    assert sum(len(s) for s in method.states) == hidden.shape[0]
+
+    task_items = encode_seq2seq(tok, _examples()[:4], 64, 50)
+    mixed = method.mix_batch(task_items, 1)
+    general = mixed[4:]
+    assert len(general) >= 2  # rate 0.5: about as many general rows as task rows
+    batch = collate(mixed, tok.pad_token_id)
+    # the base model: every activation in its base state, no margin term: extra = (L_general - L_task) / 2
+    with torch.no_grad():
+        extra = method.extra_loss(model, batch, forward(model, batch, output_hidden_states=True))
+        l_task, l_general, hinge = _gere_hand(model, tok, method, task_items, general)
+    assert float(hinge.abs().sum()) == 0.0
+    assert extra.item() == pytest.approx(0.5 * (l_general - l_task).item(), rel=1e-5)
+
+    torch.manual_seed(1)
+    moved, _ = tiny_model("t5", seed=0)
+    moved.eval()
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a trained model: some activations leave their base state
+        l_task, l_general, hinge = _gere_hand(moved, tok, method, task_items, general)
+    nonzero = int((hinge != 0).sum())
+    assert 0 < nonzero < hinge.numel()
+    margin = hinge.sum() / nonzero
+    expected = 0.5 * (l_general - l_task) + 3.0 * margin
+    extra = method.extra_loss(moved, batch, forward(moved, batch, output_hidden_states=True))
+    assert extra.item() == pytest.approx(expected.item(), rel=1e-5)
+    # through the loop's step loss: L_task + extra = (L_task + L_general) / 2 + w * margin
+    nll, extra_sum = step_loss(moved, [batch], method, True)
+    assert nll == pytest.approx(l_task.item(), rel=1e-5)
+    assert nll + extra_sum == pytest.approx((0.5 * (l_task + l_general) + 3.0 * margin).item(), rel=1e-5)
+    # both losses reach the encoder and the decoder (the general rows' decoder runs in extra_loss)
+    assert moved.encoder.block[0].layer[0].SelfAttention.q.weight.grad.abs().sum() > 0
+    assert moved.decoder.block[1].layer[2].DenseReluDense.wo.weight.grad.abs().sum() > 0
 
 
 def test_pretrain_scenario_refuses_an_encoder_decoder_model(tmp_path, t5_dir):

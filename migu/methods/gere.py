@@ -19,6 +19,20 @@ Learning of LLM via General Samples Replay"; reference code Qznan/GeRe) in:
   the band, positive outside); base above: relu(hi - h); base below: relu(h - lo); summed over the
   general rows' real tokens and dimensions and divided by the number of nonzero terms (0 when none).
   A micro-batch without general rows trains on the task loss alone, as in the reference.
+
+Encoder-decoder models (T5, BART): a general text becomes a prefix-LM pair, the way T5-style models
+are trained on plain text (`encode_prefix_lm`): its tokens are split at the middle, the first half
+goes to the encoder (with the tokenizer's special tokens, like a prompt), the second half + eos is the
+decoder target. L_general is the decoder's token NLL over that continuation, and the band is on the
+*decoder's* last hidden state over the continuation's positions. Why the decoder's: it is the
+counterpart of the causal model's last hidden state — the state the LM head reads to predict the
+general text, i.e. the representation L_general trains — and through cross-attention its band also
+constrains the encoder, while banding the encoder's output would leave the whole decoder (where a
+task's answer is produced) free to drift. The batch layout stays the loop's: a general row is its
+prefix as `input_ids` with all -100 labels (the loop's task loss and decoder ignore it); `extra_loss`
+takes the loop's encoder states of those rows and runs the decoder once more on their continuations
+(no second encoder pass), so both losses reach encoder and decoder; MIGU, when on, counts those
+decoder positions with their own decoder mask. Cost: one decoder pass over the general rows.
 """
 
 from __future__ import annotations
@@ -33,8 +47,10 @@ import torch
 import torch.nn.functional as F
 
 from migu.data import IGNORE_INDEX, DataError, collate, on_model_device
+from migu.data.seq2seq import _special_ends
 from migu.methods.replay import replay_count
 from migu.methods.seq_ft import SeqFT
+from migu.seq2seq import decoder_input_ids, is_encoder_decoder
 
 DEFAULT_GENERAL_FILE = Path(__file__).resolve().parent.parent / "assets" / "general_samples.jsonl"
 
@@ -104,6 +120,30 @@ def task_nll(batch: dict, logits: torch.Tensor) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX)
 
 
+def encode_prefix_lm(tokenizer, texts: list[str], max_tokens: int) -> tuple[list[dict], list[list[int]]]:
+    """Encoder-decoder items of general texts as prefix-LM pairs, and each one's decoder labels.
+
+    A text's first `max_tokens - 1` tokens are split at their middle: the first half (with the
+    tokenizer's special tokens, as a prompt) is the encoder input, the second half + eos the decoder
+    target `[-100] + continuation + [eos]`. The item's own labels are all -100 (the loop's task loss
+    ignores the row); the targets are kept apart and decoded by `extra_loss`. A text whose prefix
+    repeats an earlier one's is dropped: a batch row is found by its encoder input.
+    """
+    before, after = _special_ends(tokenizer)
+    items, targets, seen = [], [], set()
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max_tokens - 1]
+        cut = max(1, len(ids) // 2)
+        source = before + ids[:cut] + after
+        if tuple(source) in seen:
+            continue
+        seen.add(tuple(source))
+        target = [IGNORE_INDEX] + ids[cut:] + [tokenizer.eos_token_id]
+        items.append({"input_ids": source, "labels": [IGNORE_INDEX] * len(target)})
+        targets.append(target)
+    return items, targets
+
+
 class GeRe(SeqFT):
     """Full fine-tuning with general-sample replay and a threshold-margin loss on their hidden states."""
 
@@ -117,24 +157,20 @@ class GeRe(SeqFT):
         self.index: dict[tuple, int] = {}  # input_ids -> sample number, to find them in a batch
         self.lo = self.hi = None
         self.states: list[torch.Tensor] = []  # int8 [tokens, hidden] per sample
+        self.targets: list[list[int]] = []  # encoder-decoder: each sample's decoder labels (continuation + eos)
+        self.seq2seq = False
         self.rng = random.Random(0)
-
-    def setup(self, model):
-        from migu.models import ModelError
-        from migu.seq2seq import is_encoder_decoder
-
-        if is_encoder_decoder(model):
-            raise ModelError("method gere needs a decoder-only (causal) model: it replays general texts with a "
-                             "plain LM loss and bands the hidden states of their tokens, which an encoder-decoder "
-                             "model (T5, BART) has no counterpart for; use replay or i-lora")
-        return super().setup(model)
 
     def _encode(self, tokenizer) -> None:
         path = self.options.general_file or DEFAULT_GENERAL_FILE
-        self.items = []
-        for text in read_general_texts(path, self.options.max_samples):
-            ids = tokenizer(text)["input_ids"][: self.options.max_tokens - 1] + [tokenizer.eos_token_id]
-            self.items.append({"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids)})  # LM loss: extra_loss
+        texts = read_general_texts(path, self.options.max_samples)
+        if self.seq2seq:
+            self.items, self.targets = encode_prefix_lm(tokenizer, texts, self.options.max_tokens)
+        else:
+            self.items = []
+            for text in texts:
+                ids = tokenizer(text)["input_ids"][: self.options.max_tokens - 1] + [tokenizer.eos_token_id]
+                self.items.append({"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids)})  # LM loss: extra_loss
         self.index = {tuple(item["input_ids"]): i for i, item in enumerate(self.items)}
 
     @torch.no_grad()
@@ -145,6 +181,13 @@ class GeRe(SeqFT):
         for start in range(0, len(self.items), 16):
             chunk = self.items[start:start + 16]
             batch = on_model_device(collate(chunk, pad_id), model)
+            if self.seq2seq:  # the decoder's last hidden state over the continuation (see the module docstring)
+                targets = self.targets[start:start + 16]
+                encoder = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                h = self._decode(model, encoder.last_hidden_state, batch["attention_mask"],
+                                 targets)[0].decoder_hidden_states[-1]
+                hidden += [h[r, :len(target) - 1].float() for r, target in enumerate(targets)]
+                continue
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         output_hidden_states=True, use_cache=False, logits_to_keep=1)
             hidden += [out.hidden_states[-1][r, :len(item["input_ids"])].float() for r, item in enumerate(chunk)]
@@ -155,6 +198,7 @@ class GeRe(SeqFT):
         self.states = [((h >= self.hi).to(torch.int8) - (h <= self.lo).to(torch.int8)) for h in hidden]
 
     def before_task(self, index, tasks, ctx):
+        self.seq2seq = is_encoder_decoder(ctx.model)
         if not self.items:
             self._encode(ctx.tokenizer)
         if self.lo is None:  # the first phase: the model is still the base model
@@ -175,6 +219,8 @@ class GeRe(SeqFT):
         if not found:
             return None
         rows = [r for r, _ in found]
+        if self.seq2seq:
+            return self._seq2seq_loss(model, batch, outputs, found)
         h = outputs.hidden_states[-1]
         # the general rows' LM loss: every next token, from the final hidden state through the LM head
         logits = model.get_output_embeddings()(h[rows, :-1]).float()
@@ -185,6 +231,41 @@ class GeRe(SeqFT):
             lo, hi = self.lo.to(h.device), self.hi.to(h.device)  # a resumed state is loaded on the CPU
             hinge = torch.cat([margin_loss(h[r, :len(self.states[j])].float(), self.states[j].to(h.device), lo,
                                            hi).flatten() for r, j in found])
+            loss = loss + self.options.tm_weight * hinge.sum() / (hinge != 0).sum().clamp(min=1)
+        return loss
+
+    @staticmethod
+    def _decode(model, encoder_states, attention_mask, targets):
+        """(outputs, padded labels) of the decoder on labels `targets` from given encoder states (no encoder pass)."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        labels = torch.full((len(targets), max(map(len, targets))), IGNORE_INDEX, dtype=torch.long)
+        for row, target in enumerate(targets):  # right-padded with -100, as `collate` pads labels
+            labels[row, :len(target)] = torch.tensor(target, dtype=torch.long)
+        labels = labels.to(encoder_states.device)
+        return model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states), attention_mask=attention_mask,
+                     decoder_input_ids=decoder_input_ids(model, labels),
+                     decoder_attention_mask=(labels[:, 1:] != IGNORE_INDEX).long(), output_hidden_states=True,
+                     use_cache=False), labels
+
+    def _seq2seq_loss(self, model, batch, outputs, found):
+        """`extra_loss` on an encoder-decoder: L_general and the band on the general rows' decoder pass."""
+        rows = [r for r, _ in found]
+        # the loop's forward ran the general rows' encoder (their prefix) with an all-padding decoder; their
+        # decoder now runs on their continuation from those encoder states, so both losses reach the encoder
+        general_out, labels = self._decode(model, outputs.encoder_last_hidden_state[rows],
+                                           batch["attention_mask"][rows], [self.targets[j] for _, j in found])
+        logits, target = general_out.logits.float(), labels[:, 1:]
+        general = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX)
+        task_logits, task_target = outputs.logits.float(), batch["labels"][:, 1:]
+        task = F.cross_entropy(task_logits.reshape(-1, task_logits.shape[-1]), task_target.reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+        loss = 0.5 * (general - task)
+        if self.options.tm_weight:
+            h = general_out.decoder_hidden_states[-1]
+            lo, hi = self.lo.to(h.device), self.hi.to(h.device)
+            hinge = torch.cat([margin_loss(h[i, :len(self.states[j])].float(), self.states[j].to(h.device), lo,
+                                           hi).flatten() for i, (_, j) in enumerate(found)])
             loss = loss + self.options.tm_weight * hinge.sum() / (hinge != 0).sum().clamp(min=1)
         return loss
 
