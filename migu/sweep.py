@@ -30,7 +30,7 @@ from migu.config import load_config
 from migu.report.plots import new_figure, save
 from migu.metrics import METRIC_KEYS
 from migu.report.rundata import ReportError, find_run_dirs, load_run
-from migu.report.tables import fmt_mean_std, seed_stats
+from migu.report.tables import fmt_mean_std, markdown_cells, seed_stats
 from migu.train import run
 
 THRESHOLD_KEY = "migu.threshold"
@@ -215,14 +215,11 @@ def sweep_markdown(rows: Sequence[dict], grid: dict[str, list[str]]) -> str:
     keys = [k for k in grid if k != "seed"]
     seeds = f" (mean ± sample std over seeds {','.join(grid['seed'])})" if "seed" in grid else ""
     head = [*keys, "method", "MIGU", "n", "AA", "BWT", "FWT", "forgetting", "wall time (s)"]
-    lines = [f"# Sweep{seeds}", "", "| " + " | ".join(head) + " |",
-             "| " + " | ".join(["---"] * (len(keys) + 2) + ["---:"] * 6) + " |"]
-    for r in rows:
-        cells = [str(r[k]) for k in keys] + [r["method"], "on" if r["migu"] else "off", str(r["n"])]
-        cells += [fmt_mean_std(r[f"{m}_mean"], r[f"{m}_std"]) for m in METRIC_KEYS]
-        cells.append(fmt_mean_std(r["wall_time_s_mean"], r["wall_time_s_std"], 1))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    body = [[str(r[k]) for k in keys] + [r["method"], "on" if r["migu"] else "off", str(r["n"])]
+            + [fmt_mean_std(r[f"{m}_mean"], r[f"{m}_std"]) for m in METRIC_KEYS]
+            + [fmt_mean_std(r["wall_time_s_mean"], r["wall_time_s_std"], 1)] for r in rows]
+    table = markdown_cells(body, head, [False] * (len(keys) + 2) + [True] * 6)
+    return f"# Sweep{seeds}\n\n{table}\n"
 
 
 def sweep_csv(rows: Sequence[dict], grid: dict[str, list[str]]) -> str:

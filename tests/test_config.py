@@ -1,5 +1,6 @@
 """Config: precedence, strict errors naming the key, docstrings for --help, every shipped YAML valid."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -81,7 +82,8 @@ def test_method_options_section():
     cfg = load_config(None, ["method.name=seq-lora", "method.seq_lora.r=4", "method.seq_lora.target_modules=[q_proj]"])
     assert cfg.method_options.r == 4 and cfg.method_options.target_modules == ["q_proj"]
     assert cfg.method_options.alpha == 32 and cfg.method_options.dropout == 0.1
-    assert load_config(None, ["method.name=seq-ft"]).method_options is not None
+    # a method without options gets its empty Options instance (no section, no fields)
+    assert dataclasses.asdict(load_config(None, ["method.name=seq-ft"]).method_options) == {}
 
 
 def test_resolved_yaml_round_trips(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from migu import distributed
+from migu import devices, distributed
 from migu.config import load_config
 from tests.runner_helpers import tiny_config, write_stream
 
@@ -45,7 +45,7 @@ def test_resolved_precision_is_recorded_and_used_by_evaluation(tmp_path, tiny_ll
     import migu.train
     from migu.train import run
 
-    monkeypatch.setattr(distributed, "cpu_has_bf16", lambda *a, **k: has_bf16)
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda *a, **k: has_bf16)
     seen = []
     real = distributed.autocast
     monkeypatch.setattr(migu.train.distributed, "autocast", lambda device, p: seen.append(p) or real(device, p))

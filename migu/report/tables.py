@@ -186,13 +186,16 @@ def _drop_empty(columns: Sequence[str], rows: Sequence[dict]) -> list[str]:
 def markdown_table(rows: Sequence[dict], columns: Sequence[str], digits: int = 2) -> str:
     """A GitHub Markdown table of `rows` (run records or groups)."""
     columns = _drop_empty(columns, rows)
-    head = [HEADERS.get(c, c) for c in columns]
-    body = display_rows(rows, columns, digits)
     numeric = {c for c in columns if c in _ALL_METRICS + ("wall_time_s", "n", "seed", "threshold")}
-    align = ["---:" if c in numeric else "---" for c in columns]
-    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(align) + " |"]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |" for cells in body]
-    return "\n".join(lines)
+    return markdown_cells([[cell.replace("|", "\\|") for cell in cells] for cells in display_rows(rows, columns, digits)],
+                     [HEADERS.get(c, c) for c in columns], [c in numeric for c in columns])
+
+
+def markdown_cells(body: Sequence[Sequence[str]], head: Sequence[str], right: Sequence[bool]) -> str:
+    """A GitHub Markdown table of text cells (DataFrame.to_markdown); `right`: right-align that column."""
+    # cells are formatted text already: tabulate must not re-parse them as numbers
+    return pd.DataFrame(list(body), columns=list(head), dtype=object).to_markdown(
+        index=False, colalign=["right" if r else "left" for r in right], disable_numparse=True)
 
 
 def text_table(rows: Sequence[dict], columns: Sequence[str], digits: int = 2) -> str:
@@ -227,20 +230,18 @@ def run_report_markdown(run: Run, plots: Sequence[Path] = ()) -> str:
     if run.is_perplexity:
         heads = ["avg ppl", "forgetting", "forgetting (rel.)", "general before", "general after", "general drift",
                  "general drift (rel.)"]
-        lines += ["", "| " + " | ".join(heads) + " |", "| " + " | ".join("---:" for _ in heads) + " |",
-                  "| " + " | ".join(fmt_value(run.metrics.get(k), 4 if k.endswith("_rel") else 2)
-                                    for k in PPL_METRIC_KEYS) + " |", "",
+        values = [fmt_value(run.metrics.get(k), 4 if k.endswith("_rel") else 2) for k in PPL_METRIC_KEYS]
+        lines += ["", markdown_cells([values], heads, [True] * len(heads)), "",
                   f"{perplexity_metric_line(run.metrics)} (forgetting: rise of each earlier domain's perplexity "
                   "over its best value; drift: general held-out set, never trained on, before → after)", "",
                   "## Perplexity matrix (lower is better)"]
     else:
-        lines += ["", "| AA | BWT | FWT | forgetting |", "| ---: | ---: | ---: | ---: |",
-                  "| " + " | ".join(fmt_value(run.metrics.get(k)) for k in METRIC_KEYS) + " |", "",
+        values = [fmt_value(run.metrics.get(k)) for k in METRIC_KEYS]
+        lines += ["", markdown_cells([values], ["AA", "BWT", "FWT", "forgetting"], [True] * 4), "",
                   "## Accuracy matrix (%)"]
     digits = 2 if run.is_perplexity else 1
-    lines += ["", "| model state | " + " | ".join(run.tasks) + " |", "| --- | " + " | ".join("---:" for _ in run.tasks) + " |"]
-    for stage, row in zip(run.stage_names, run.matrix):
-        lines.append(f"| {stage} | " + " | ".join(fmt_cell(v, digits) for v in row) + " |")
+    matrix = [[stage] + [fmt_cell(v, digits) for v in row] for stage, row in zip(run.stage_names, run.matrix)]
+    lines += ["", markdown_cells(matrix, ["model state", *run.tasks], [False] + [True] * len(run.tasks))]
     if plots:
         lines += ["", "## Plots", ""]
         for p in plots:
@@ -356,6 +357,6 @@ def compare_columns(runs: Sequence[Run]) -> tuple[tuple, tuple, tuple]:
     return RUN_COLUMNS, GROUP_COLUMNS, (("aa", "AA (%)"), ("bwt", "BWT (%)"))
 
 
-__all__ = ["RUN_COLUMNS", "GROUP_COLUMNS", "aggregate", "csv_text", "flatten", "markdown_table",
+__all__ = ["RUN_COLUMNS", "GROUP_COLUMNS", "aggregate", "csv_text", "flatten", "markdown_cells", "markdown_table",
            "seed_stats", "plot_compare_bars", "run_records", "run_report_markdown", "run_summary_text", "text_table",
            "write_compare"]
