@@ -112,16 +112,22 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def interleave(naive, default, repeats: int, warm_up: bool = True) -> tuple[float, float]:
-    """Median seconds of each callable, run A B B A … (after one warm-up call each)."""
+def interleave_all(fns: dict, repeats: int, warm_up: bool = True) -> dict:
+    """Median seconds of each callable, run round-robin A B C … then … C B A (after one warm-up call each)."""
     if warm_up:
-        naive(), default()
-    times = {"naive": [], "default": []}
+        for fn in fns.values():
+            fn()
+    times = {key: [] for key in fns}
     for r in range(repeats):
-        order = [("naive", naive), ("default", default)] if r % 2 == 0 else [("default", default), ("naive", naive)]
-        for key, fn in order:
-            times[key].append(timed(fn))
-    return statistics.median(times["naive"]), statistics.median(times["default"])
+        for key in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            times[key].append(timed(fns[key]))
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
+def interleave(naive, default, repeats: int, warm_up: bool = True) -> tuple[float, float]:
+    """Median seconds of two callables, run A B B A …"""
+    t = interleave_all({"naive": naive, "default": default}, repeats, warm_up)
+    return t["naive"], t["default"]
 
 
 def main(argv=None) -> dict:
@@ -155,12 +161,17 @@ def main(argv=None) -> dict:
     limit_of = {"fp32": limit["matmul_flops_fp32"], "bf16": limit["matmul_flops_bf16"]}
 
     paths = {}
-    for key, method_name, with_migu in TRAIN_PATHS:
-        naive_step, _ = train_setup(args.model, method_name, with_migu, "fp32")
-        default_step, _ = train_setup(args.model, method_name, with_migu, precision)
-        t_naive, t_default = interleave(lambda: naive_step(batch), lambda: default_step(batch), repeats)
-        paths[key] = {"examples": args.batch_size, "naive_s": t_naive, "default_s": t_default,
-                      "flops_per_example": 3.0 * per_token * tokens_per_example}
+    for method_name in dict.fromkeys(m for _, m, _ in TRAIN_PATHS):
+        # the four steps of one method (fp32 / default precision, without / with MIGU) interleaved together,
+        # so the speed-up and MIGU's overhead are both ratios of neighbouring measurements
+        keys = [(key, with_migu) for key, m, with_migu in TRAIN_PATHS if m == method_name]
+        steps = {(key, side): train_setup(args.model, method_name, with_migu, prec)[0]
+                 for key, with_migu in keys for side, prec in (("naive", "fp32"), ("default", precision))}
+        t = interleave_all({k: (lambda f=f: f(batch)) for k, f in steps.items()}, repeats)
+        for key, _ in keys:
+            paths[key] = {"examples": args.batch_size, "naive_s": t[(key, "naive")], "default_s": t[(key, "default")],
+                          "flops_per_example": 3.0 * per_token * tokens_per_example}
+        del steps
 
     model.eval()
     prompt_tokens = sum(len(tok(e.prompt)["input_ids"]) for e in eval_task.test) / len(eval_task.test)
