@@ -25,7 +25,7 @@ from migu.models import load_model_and_tokenizer
 from migu.report.plots import write_magnitude_plots
 from migu.report.rundata import ReportError
 from migu.report.similarity import MAGNITUDES, task_file_name
-from migu.rundir import CHECKPOINT, RunDir
+from migu.rundir import RunDir
 from migu.scenarios import get_scenario
 from migu.train import _load_parameters
 
@@ -91,14 +91,13 @@ def load_trained(run_dir: str | Path, base: bool = False):
     cfg = load_config(run_dir / "config.yaml")
     method = get_method(cfg.method.name)(cfg.method_options)
     model, tokenizer = load_model_and_tokenizer(cfg.model.name)
-    checkpoint = None if base else RunDir(run_dir).load_checkpoint()
+    checkpoint = None if base else RunDir(run_dir).load_latest()  # verified, as on resume
     source = f"base model {cfg.model.name}"
     if checkpoint is not None:
-        tensors, method_state, meta = checkpoint
         model = method.setup(model)
-        method.load_state_dict(method_state)  # before the weights: it may recreate adapters (as on resume)
-        _load_parameters(model, tensors, run_dir / CHECKPOINT)
-        source = f"checkpoint after {meta.get('finished_tasks', '?')} finished phase(s)"
+        method.load_state_dict(checkpoint.method_state)  # before the weights: it may recreate adapters (as on resume)
+        _load_parameters(model, checkpoint)  # whole tensors, or a sharded (DCP) checkpoint read into one process
+        source = f"checkpoint after {checkpoint.meta.get('finished_tasks', '?')} finished phase(s)"
     model.eval()
     return model, tokenizer, cfg, method, source
 
