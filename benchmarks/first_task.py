@@ -16,11 +16,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Table 1's settings (benchmarks/results.py SETTINGS and LR); precision: the new default (auto)
-SETTINGS = {"model.name": "smollm2-135m", "data.benchmark": "standard", "data.order": 1, "data.train_per_task": 64,
-            "data.test_per_task": 40, "data.max_length": 128, "train.batch_size": 8, "train.epochs": 1,
-            "eval.mode": "generate", "seed": 0}
-LR = {"seq-ft": 5e-5, "seq-lora": 1e-3}
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from results import LR as TABLE_LR, SETTINGS as TABLE_SETTINGS, _run_one  # noqa: E402  Table 1's protocol
+
+SETTINGS = {**TABLE_SETTINGS, "data.benchmark": "standard", "data.order": 1, "seed": 0}
+LR = {m: TABLE_LR[m] for m in ("seq-ft", "seq-lora")}
 VARIANTS = {"base": {"migu.enabled": False},
             "skip": {"migu.enabled": True, "migu.first_task": "skip"},
             "mask": {"migu.enabled": True, "migu.first_task": "mask"}}
@@ -34,9 +34,6 @@ def runs():
 
 
 def run_all(list_only: bool) -> list[dict]:
-    from migu.config import load_config
-    from migu.train import run
-
     done = []
     for name, sets in runs():
         target = ROOT / "results" / "first_task" / f"{name}.json"
@@ -45,11 +42,7 @@ def run_all(list_only: bool) -> list[dict]:
             if target.exists():
                 done.append(json.loads(target.read_text()))
             continue
-        run_dir = ROOT / "runs" / "first_task" / name
-        resume = (run_dir / "config.yaml").is_file()
-        cfg = load_config(run_dir / "config.yaml") if resume else load_config(
-            None, [f"{k}={v}" for k, v in sets.items()] + [f"output_dir={run_dir}", f"name=first_task-{name}"])
-        summary = run(cfg, resume=resume, output_dir=str(run_dir), quiet=True)
+        summary, _ = _run_one("first_task", name, sets, ROOT / "runs" / "first_task" / name, None)
         keep = {k: summary.get(k) for k in KEEP} | {"run": name, "settings": sets}
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(keep, indent=1) + "\n")

@@ -17,6 +17,7 @@ import torch
 
 from migu.core import MIGU
 from migu.data import IGNORE_INDEX
+from migu.seq2seq import is_encoder_decoder
 
 
 def phase_migu(options, model, method, index: int) -> Optional[MIGU]:
@@ -39,7 +40,7 @@ def token_masker(migu: Optional[MIGU], options) -> Optional[Callable[[dict], Non
     """For `tokens: answer`, a callback that sets each micro-batch's answer positions as MIGU's token mask."""
     if migu is None or options.tokens == "all":
         return None
-    if getattr(getattr(migu.model, "config", None), "is_encoder_decoder", False):
+    if is_encoder_decoder(migu.model):
         # every real decoder position predicts a target token (its decoder_attention_mask already says so);
         # encoder layers see only the prompt and count its real tokens under either setting
         return None
