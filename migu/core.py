@@ -129,6 +129,7 @@ class MIGU:
         self._explicit_mask: dict[bool, torch.Tensor | None] = {False: None, True: None}  # key: decoder side
         self._auto_mask: dict[bool, torch.Tensor | None] = {False: None, True: None}
         self._logits_to_keep = None
+        self._weights_key, self._weights_value = None, None
         self._forward_id = 0
         self._force_observe = False
         self._last_masks: dict[str, torch.Tensor] = {}
@@ -180,6 +181,7 @@ class MIGU:
             self._auto_mask[decoder] = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         self._logits_to_keep = kwargs.get("logits_to_keep")
         self._forward_id += 1
+        self._weights_key = None  # a reused mask buffer may hold new values
 
     def _kept(self, mask: torch.Tensor | None) -> torch.Tensor | None:
         """``mask`` [batch, length] sliced to the positions whose logits the forward keeps (HF semantics)."""
@@ -199,6 +201,7 @@ class MIGU:
         ``decoder_attention_mask`` is used), ``False`` the encoder's (else ``attention_mask``).
         """
         self._explicit_mask[bool(decoder)] = mask
+        self._weights_key = None
 
     @contextmanager
     def observe(self):
@@ -224,14 +227,23 @@ class MIGU:
             if unit.kept_positions:
                 mask = self._kept(mask)
             if mask is not None and tuple(mask.shape) == tuple(y.shape[:-1]):
-                weights = mask.reshape(-1).to(device=y.device, dtype=torch.float32)
-                unit.sum += weights @ flat.float()  # one matvec: no Python loop, no kept activations
-                unit.count += weights.sum()
+                weights, count = self._weights(mask, y.device)
+                unit.sum.addmv_(flat.float().t(), weights)  # one matvec: no Python loop, no kept activations
+                unit.count += count
             else:
                 unit.sum += flat.sum(0, dtype=torch.float32)
                 unit.count += flat.shape[0]
 
         return hook
+
+    def _weights(self, mask: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token mask as float32 weights and their sum, converted once per mask for all units."""
+        key = (id(mask), device)
+        if self._weights_key != key:
+            weights = mask.reshape(-1).to(device=device, dtype=torch.float32)
+            # the mask is kept referenced with its conversion, so its id cannot be reused while cached
+            self._weights_key, self._weights_value = key, (weights, weights.sum(), mask)
+        return self._weights_value[:2]
 
     def _synced_sums(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(sum, count) per unit, all-reduced over ranks so every rank ranks the same numbers."""
@@ -303,7 +315,9 @@ class MIGU:
                     shape[dim] = -1
                     if param.grad is not None:  # FSDP2: this rank's rows of the gradient, its slice of the mask
                         grad, local_mask = _local_rows(param.grad, dim, mask)
-                        grad.masked_fill_(~local_mask.view(shape), 0)
+                        # a multiply by 0/1 is ~5x faster than masked_fill_ on CPU (same values; a NaN/inf in
+                        # a dropped row stays non-finite, so fp16 overflow checks still see it)
+                        grad.mul_(local_mask.view(shape).to(grad.dtype))
                     if self.mode == "update":  # saved and restored on this rank's shard of the parameter
                         values, local_mask = _local_rows(param.detach(), dim, mask)
                         drop = (~local_mask).nonzero().squeeze(1)

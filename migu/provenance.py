@@ -1,4 +1,4 @@
-"""Where a run's numbers come from: the git commit of the code, package versions and the machine.
+"""Where a run's numbers come from: the git commit, a fingerprint of migu's sources, package versions, the machine.
 
 Written into config.yaml (`provenance`) and summary.json by the loop; `benchmarks/results.py` records it too.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
 import os
 import platform
 import subprocess
@@ -45,9 +46,22 @@ def _provenance() -> dict:
             commit += "-dirty"
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"git_commit": commit, "machine": machine(), "versions": {
+    return {"git_commit": commit, "code": code_fingerprint(), "machine": machine(), "versions": {
         "migu": migu.__version__, "python": sys.version.split()[0], "torch": str(torch.__version__),
         "transformers": str(transformers.__version__), "peft": str(peft.__version__), "numpy": str(np.__version__)}}
+
+
+def code_fingerprint(root: Path | None = None) -> str:
+    """12 hex digits of SHA-256 over migu's Python sources (relative path + bytes, sorted).
+
+    What decides a run's numbers, unlike the git commit, which also moves with docs, tests and committed
+    results: runs with one fingerprint ran the same package code, whichever commit they were made at.
+    """
+    root = root or Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
 
 
 def machine() -> dict:

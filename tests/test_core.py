@@ -112,6 +112,31 @@ def test_explicit_token_mask_wins():
     assert float(migu.units[0].count) == 1
 
 
+def test_a_mask_buffer_rewritten_in_place_between_forwards_is_read_anew():
+    # the float weights of a mask are converted once for all layers of a forward; a loop that reuses one
+    # attention-mask buffer (static shapes) must still be counted with each forward's values
+    model = Toy()
+    migu = MIGU(model, 0.5, target_modules=["layers.0.proj", "layers.1.proj"])
+    buffer = torch.tensor([[1, 1, 1, 0]])
+    x1, x2 = torch.randn(1, 4, 3), torch.randn(1, 4, 3)
+    model(x1, attention_mask=buffer)
+    buffer[0, 1:] = 0
+    model(x2, attention_mask=buffer)
+    assert [float(u.count) for u in migu.units] == [4.0, 4.0]
+    with torch.no_grad():
+        h1, h2 = model.embed(x1), model.embed(x2)
+        expected = model.layers[0].proj(h1)[0, :3].abs().sum(0) + model.layers[0].proj(h2)[0, :1].abs().sum(0)
+    torch.testing.assert_close(migu.units[0].sum, expected, rtol=1e-6, atol=1e-7)
+    migu.reset()
+    migu.set_token_mask(buffer)
+    model(x1)
+    buffer[0, 0] = 0
+    buffer[0, 3] = 1
+    migu.set_token_mask(buffer)
+    model(x1)
+    assert float(migu.units[0].count) == 2.0
+
+
 # ------------------------------------------------------------------------------------------ 2. masks
 @pytest.mark.parametrize("t,d,k", [(0.7, 10, 3), (0.0, 10, 10), (0.5, 6, 3), (0.7, 6, 2), (0.9, 4, 1), (0.99, 3, 1)])
 def test_keep_count(t, d, k):
