@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import shutil
 import statistics
@@ -82,6 +83,35 @@ TABLES = {
 }
 
 
+# ------------------------------------------------------------------------------------------ the plateau regime
+# Issue 19: the 8-step tables above trained no task to its plateau. First the learning rate (best AA of two or
+# three per method at the largest size, order 1, seed 0, then fixed), then learned R[i][i] against training
+# examples per task at that rate; the later tables use the smallest size within PLATEAU_GAP of the best.
+PLATEAU = {**SETTINGS, "data.test_per_task": 100}  # ±5 points a cell instead of ±8
+REGIME_SIZES = (64, 128, 256, 400)  # yahoo's training split in CL_Benchmark holds 400 examples
+LR_GRID = {"seq-ft": (1e-5, 5e-5, 1e-4), "seq-lora": (1e-4, 3e-4, 1e-3)}
+PLATEAU_GAP = 3.0  # points of mean learned R[i][i] below the best size that still count as the plateau
+
+
+def _plateau_run(method: str, n: int, lr: float, seed: int = 0, order: int = 1) -> tuple[str, dict]:
+    sets = {**PLATEAU, "data.train_per_task": n, "data.benchmark": "standard", "data.order": order,
+            "method.name": method, "train.lr": lr, "seed": seed, "migu.enabled": False}
+    return f"o{order}-{method}-lr{lr:.0e}-n{n}-s{seed}".replace("e-0", "e-"), sets
+
+
+def chosen_lr(method: str, root: Path = ROOT) -> float:
+    """The lr of the `lr` table's best AA for `method` (ties: the higher learned R[i][i]); fixed once committed."""
+    runs = [json.loads(f.read_text()) for f in sorted((root / "results" / "lr").glob(f"o1-{method}-lr*.json"))]
+    if len(runs) < len(LR_GRID[method]):
+        raise SystemExit(f"error: results/lr holds {len(runs)} of {len(LR_GRID[method])} {method} runs: "
+                         "run `python benchmarks/results.py lr` first")
+    return max(runs, key=lambda r: (r["aa"], _learned(r) or 0.0))["settings"]["train.lr"]
+
+
+TABLES["lr"] = lambda a: [_plateau_run(m, max(REGIME_SIZES), lr) for m in LR_GRID for lr in LR_GRID[m]]
+TABLES["regime"] = lambda a: [_plateau_run(m, n, chosen_lr(m)) for m in LR_GRID for n in REGIME_SIZES]
+
+
 def _version() -> str:
     """The short git commit the numbers come from (migu's provenance, as in each run's summary)."""
     from migu.provenance import provenance
@@ -131,6 +161,15 @@ def _run_one(table: str, name: str, sets: dict, run_dir: Path, threads: int | No
     return run(cfg, resume=resume, output_dir=str(run_dir), quiet=True), cfg
 
 
+def _same_settings(sets: dict, root: Path) -> Path | None:
+    """A committed run of another table with exactly these settings, if any."""
+    for f in sorted((root / "results").glob("*/*.json")):
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            if json.loads(f.read_text())["settings"] == sets:
+                return f
+    return None
+
+
 def run_table(table: str, runs, list_only: bool, threads: int | None = None, root: Path = ROOT) -> None:
     out_json = root / "results" / table
     out_json.mkdir(parents=True, exist_ok=True)
@@ -139,9 +178,14 @@ def run_table(table: str, runs, list_only: bool, threads: int | None = None, roo
         if target.exists() or list_only:
             print(f"{'done' if target.exists() else 'todo'}  {table}/{name}")
             continue
+        same = _same_settings(sets, root)
+        if same is not None:  # e.g. the regime's largest size is the lr table's chosen run: one run, two tables
+            target.write_text(json.dumps({**json.loads(same.read_text()), "table": table, "run": name}, indent=1) + "\n")
+            print(f"done   {table}/{name}: the same settings as {same.parent.name}/{same.stem}", flush=True)
+            continue
         summary, cfg = _run_one(table, name, sets, root / "runs" / "results" / table / name, threads)
         keep = {k: summary.get(k) for k in ("aa", "bwt", "fwt", "forgetting", "tasks", "matrix", "r0", "method",
-                                             "migu", "seed", "lr", "wall_time_s", "git_commit", "machine",
+                                             "migu", "seed", "lr", "wall_time_s", "git_commit", "code", "machine",
                                              "versions")}
         keep.update(table=table, run=name, settings=sets, code_version=_short(summary["git_commit"]),
                     threads=cfg.threads)
@@ -459,6 +503,69 @@ def plot_table(table: str, runs: list[dict]):
     return fig
 
 
+def plateau_size(regime: list[dict]) -> int | None:
+    """The smallest size whose mean learned R[i][i] is within PLATEAU_GAP of the method's best, max over methods."""
+    sizes = []
+    for method in LR_GRID:
+        curve = {r["settings"]["data.train_per_task"]: _learned(r) for r in regime
+                 if r["settings"]["method.name"] == method}
+        if set(curve) != set(REGIME_SIZES):
+            return None
+        sizes.append(min(n for n, v in curve.items() if v >= max(curve.values()) - PLATEAU_GAP))
+    return max(sizes)
+
+
+def regime_lines(root: Path = ROOT) -> list[str]:
+    """The lr choice and the learning curves of step 1 of the plateau regime, with their figure."""
+    from migu.report.plots import new_figure, save
+
+    lr_runs = [json.loads(f.read_text()) for f in sorted((root / "results" / "lr").glob("*.json"))]
+    regime = [json.loads(f.read_text()) for f in sorted((root / "results" / "regime").glob("*.json"))]
+    lines = ["## Regime: how many training examples until a task is learned?", "",
+             "`python benchmarks/results.py lr` then `python benchmarks/results.py regime` (standard order 1, seed 0, "
+             "no MIGU). The lr of each method is the best AA at the largest size; then each task's accuracy right "
+             f"after training it (learned R[i][i]) against training examples per task. The plateau size is the "
+             f"smallest whose mean learned R[i][i] is within {PLATEAU_GAP:g} points of the best size, for both methods.",
+             ""]
+    if not lr_runs:
+        return lines + ["Not run yet.", ""]
+    rows = ["| table | method | lr | examples per task | steps per task | AA | BWT | learned R[i][i] | untrained | "
+            "wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(lr_runs + regime, key=lambda r: (r["table"] != "lr", r["settings"]["method.name"],
+                                                     r["settings"]["train.lr"], r["settings"]["data.train_per_task"])):
+        n = r["settings"]["data.train_per_task"]
+        rows.append(f"| {r['table']} | {r['settings']['method.name']} | {r['settings']['train.lr']:g} | {n} | "
+                    f"{n // r['settings']['train.batch_size']} | {r['aa']:.1f} | {r['bwt']:+.1f} | "
+                    f"{_learned(r):.1f} | {_mean_cells(r['r0']):.1f} | {r['wall_time_s']:.0f} |")
+    lines += [settings_line(lr_runs + regime), "", *rows, ""]
+    chosen = {m: chosen_lr(m, root) for m in LR_GRID
+              if len([r for r in lr_runs if r["settings"]["method.name"] == m]) == len(LR_GRID[m])}
+    if chosen:
+        lines += ["Chosen lr: " + ", ".join(f"{m} {lr:g}" for m, lr in chosen.items()) + ".", ""]
+    size = plateau_size(regime)
+    lines += [f"Plateau size: **{size} training examples per task**." if size else "Plateau size: not yet measured "
+              "(the regime runs are incomplete).", ""]
+    if regime:
+        fig = new_figure(12.0, 3.6)
+        for ax, (key, label) in zip(fig.subplots(1, 3), (("diag", "learned R[i][i] (%)"), ("aa", "AA (%)"),
+                                                          ("bwt", "BWT (%)"))):
+            for method in LR_GRID:
+                pts = sorted((r["settings"]["data.train_per_task"], _learned(r) if key == "diag" else r[key])
+                             for r in regime if r["settings"]["method.name"] == method)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=f"{method} (lr {chosen.get(method, 0):g})")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(REGIME_SIZES, [str(n) for n in REGIME_SIZES])
+            ax.set_xlabel("training examples per task")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        fig.axes[0].legend(fontsize=8)
+        fig.suptitle("Regime: standard order 1, seed 0, no MIGU", fontsize=11)
+        image = save(fig, root / "docs" / "images" / "results_regime.png")
+        lines += [f"![regime](images/{image.name})", ""]
+    return lines
+
+
 def render(root: Path = ROOT) -> Path:
     """root/docs/RESULTS.md (+ a figure per table in docs/images/) from root/results/: mean ± std over seeds."""
     from migu.report.plots import save
@@ -469,7 +576,8 @@ def render(root: Path = ROOT) -> Path:
              "every number comes from a run of `benchmarks/results.py` on the 2-core CPU machine (torch CPU),",
              "embedded SmolLM2-135M-Instruct. Accuracies in percent (exact match of the generated answer);",
              "cells are mean ± sample standard deviation over seeds. `learned R[i][i]`: mean accuracy on each",
-             "task right after training it; `untrained`: mean accuracy before any training.", "", WHY, ""]
+             "task right after training it; `untrained`: mean accuracy before any training.", "",
+             *regime_lines(root), WHY, ""]
     for table, title in TITLES.items():
         runs = results[table]
         lines += [f"## {title}", "", f"`python benchmarks/results.py {table}`", ""]

@@ -187,3 +187,67 @@ def test_a_run_that_shared_the_cores_is_noted_and_left_out_of_wall_times(tmp_pat
     assert "- `r1True`: cores shared with a CI run" in text
     assert "| 1 | seq-ft | 0.7 | 0.001 | 0,1 | 40.0 ± 0.0 |" in text and "| 110 |" in text and "| 505 |" not in text
     assert "| table1 | 1 | seq-ft | default | 1 / 1 | 100 | 110 | ×1.10 |" in text
+
+
+# ------------------------------------------------------------------------------------------ plateau regime
+def _regime_summary(table, method, lr, n, diag, aa=50.0):
+    name, sets = results._plateau_run(method, n, lr)
+    k = 4
+    matrix = [[diag if j == i else (10.0 if j < i else 0.0) for j in range(k)] for i in range(k)]
+    return {"table": table, "run": name, "settings": sets, "aa": aa, "bwt": -5.0, "fwt": 0.0, "forgetting": 5.0,
+            "matrix": matrix, "r0": [0.0] * k, "seed": 0, "lr": lr, "wall_time_s": 60.0, "code_version": "abc",
+            "machine": None, "threads": 1}
+
+
+def _write(root, summary):
+    path = root / "results" / summary["table"] / f"{summary['run']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary))
+
+
+def test_lr_grid_runs_at_the_largest_size_and_regime_needs_the_lr_table(tmp_path):
+    runs = results.TABLES["lr"](_Args())
+    assert [n for n, _ in runs] == ["o1-seq-ft-lr1e-5-n400-s0", "o1-seq-ft-lr5e-5-n400-s0", "o1-seq-ft-lr1e-4-n400-s0",
+                                    "o1-seq-lora-lr1e-4-n400-s0", "o1-seq-lora-lr3e-4-n400-s0",
+                                    "o1-seq-lora-lr1e-3-n400-s0"]
+    assert all(s["data.test_per_task"] == 100 and not s["migu.enabled"] for _, s in runs)
+    with pytest.raises(SystemExit, match="results/lr holds 0 of 3 seq-ft runs"):
+        results.chosen_lr("seq-ft", tmp_path)
+
+
+def test_chosen_lr_is_the_best_aa_and_a_tie_goes_to_the_higher_learned_diagonal(tmp_path):
+    for lr, aa, diag in ((1e-5, 40.0, 60.0), (5e-5, 55.0, 70.0), (1e-4, 55.0, 80.0)):
+        _write(tmp_path, _regime_summary("lr", "seq-ft", lr, 400, diag, aa))
+    assert results.chosen_lr("seq-ft", tmp_path) == 1e-4
+
+
+def test_plateau_size_is_the_smallest_within_the_gap_for_both_methods():
+    def curve(method, values):
+        return [_regime_summary("regime", method, 1e-3, n, v) for n, v in zip(results.REGIME_SIZES, values)]
+    ft = curve("seq-ft", [40.0, 60.0, 78.0, 80.0])   # 256 is within 3 points of 80
+    lora = curve("seq-lora", [30.0, 70.0, 71.0, 72.0])  # 128 is
+    assert results.plateau_size(ft + lora) == 256
+    assert results.plateau_size(ft[:3] + lora) is None  # a missing size: not decided
+
+
+def test_an_identical_committed_run_is_reused_not_trained_again(tmp_path, monkeypatch):
+    done = _regime_summary("lr", "seq-ft", 5e-5, 400, 70.0)
+    _write(tmp_path, done)
+    monkeypatch.setattr(results, "_run_one", lambda *a, **k: pytest.fail("trained a run that was committed"))
+    name, sets = results._plateau_run("seq-ft", 400, 5e-5)
+    results.run_table("regime", [(name, sets)], list_only=False, root=tmp_path)
+    copy = json.loads((tmp_path / "results" / "regime" / f"{name}.json").read_text())
+    assert copy["table"] == "regime" and copy["aa"] == done["aa"] and copy["settings"] == sets
+
+
+def test_regime_section_renders_the_curve_and_the_choices(tmp_path):
+    for method, lrs in results.LR_GRID.items():
+        for lr in lrs:
+            _write(tmp_path, _regime_summary("lr", method, lr, 400, 80.0, aa=60.0 if lr == lrs[1] else 50.0))
+        for n, v in zip(results.REGIME_SIZES, (40.0, 60.0, 79.0, 80.0)):
+            _write(tmp_path, _regime_summary("regime", method, lrs[1], n, v))
+    text = "\n".join(results.regime_lines(tmp_path))
+    assert "Chosen lr: seq-ft 5e-05, seq-lora 0.0003." in text
+    assert "Plateau size: **256 training examples per task**." in text
+    assert "| regime | seq-ft | 5e-05 | 256 | 32 | 50.0 | -5.0 | 79.0 | 0.0 | 60 |" in text
+    assert (tmp_path / "docs" / "images" / "results_regime.png").stat().st_size > 0
