@@ -19,7 +19,7 @@ from migu.config import load_config
 from migu.data import collate, encode
 from migu.methods.ewc import EWC, EwcOptions, answer_nll
 from migu.models import load_model_and_tokenizer
-from migu.train import load_tasks
+from migu.scenarios import get_scenario
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "methods" / "ewc.yaml")
     model, tok = load_model_and_tokenizer("smollm2-135m")
-    items = encode(tok, load_tasks(cfg)[0].train, 128)[:16]
+    items = encode(tok, get_scenario(cfg).load_tasks()[0].train, 128)[:16]
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)
     model.train()
     for i in range(2):

@@ -38,7 +38,7 @@ from migu.data import Example, Task, build_prompt, collate, encode  # noqa: E402
 from migu.evaluate import evaluate_task  # noqa: E402
 from migu.methods import get_method  # noqa: E402
 from migu.models import load_model_and_tokenizer  # noqa: E402
-from migu.train import _adamw, step_loss  # noqa: E402
+from migu.steps import adamw, step_loss  # noqa: E402
 
 TRAIN_PATHS = [("train_full_ft", "seq-ft", False), ("train_full_ft_migu", "seq-ft", True),
                ("train_lora", "seq-lora", False), ("train_lora_migu", "seq-lora", True)]
@@ -89,7 +89,7 @@ def train_setup(model_name: str, method_name: str, with_migu: bool, precision: s
     model = method.setup(model)
     model.train()
     params = method.trainable_parameters(model)
-    optimizer = _adamw(params, 1e-5, 0.0)
+    optimizer = adamw(params, 1e-5, 0.0)
     migu = MIGU(model, threshold=0.7, target_modules=method.migu_target_modules()) if with_migu else None
     runner = distributed.StepRunner(model, torch.device("cpu"), precision)
 

@@ -1,7 +1,8 @@
-"""`compare_migu`: the same run without and with MIGU, and the loop's text tables.
+"""`compare_migu`: the same run without and with MIGU, and what the loop prints.
 
     run_comparison(cfg, path, train_one=...)   # <path>/no-migu and <path>/migu, comparison.json
-    format_matrix(summary), format_comparison(result)   # what `migu run` prints
+    format_matrix(summary), format_comparison(result)   # the text tables `migu run` prints
+    Printer(quiet).line(text) / .bar(total, desc)       # progress on stderr (quiet: nothing)
 
 `train_one(cfg, path, resume, r0, preloaded) -> summary` is the loop (migu.train passes it), so this module
 does not import the loop and the loop does not import its caller.
@@ -26,6 +27,21 @@ from migu.scenarios import (absolute_paths, format_perplexity_comparison, format
                             matrix_table)
 
 COMPARE_RUNS = ("no-migu", "migu")
+
+
+class Printer:
+    """Progress bars and one line per phase on stderr (quiet: nothing)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def line(self, text: str) -> None:
+        if not self.quiet:
+            tqdm.write(text, file=sys.stderr)
+
+    def bar(self, total, desc: str):
+        return tqdm(total=total, desc=desc, leave=False, disable=self.quiet or None, file=sys.stderr,
+                    dynamic_ncols=True)
 
 
 def run_comparison(cfg: RunConfig, path: Path, train_one: Callable[..., dict], *, resume: bool = False,
@@ -56,8 +72,7 @@ def run_comparison(cfg: RunConfig, path: Path, train_one: Callable[..., dict], *
             if state is not None and state.get("status") == "done" and rd.read_summary() is not None:
                 summaries[sub] = rd.read_summary()
             else:
-                if not quiet:
-                    tqdm.write(f"== {sub}: {path / sub}", file=sys.stderr)
+                Printer(quiet).line(f"== {sub}: {path / sub}")
                 resume_sub = RunDir.is_run_dir(rd.path)
                 summaries[sub] = train_one(sub_cfg, rd.path, resume_sub, r0, None if resume_sub else preloaded)
                 preloaded = None  # the first run trained it

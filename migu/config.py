@@ -32,6 +32,9 @@ from migu.sections import (  # noqa: F401  (re-exported: `from migu.config impor
     ENGINES, PROVENANCE_KEY, ConfigError, DataConfig, DomainConfig, EvalConfig, MiguConfig, ModelConfig,
     PretrainConfig, TrainConfig, _check, _first_line, _show)
 
+__all__ = ["ENGINES", "PROVENANCE_KEY", "ConfigError", "DataConfig", "DomainConfig", "EvalConfig", "MiguConfig",
+           "ModelConfig", "PretrainConfig", "TrainConfig", "FSDP_METHODS", "SCENARIOS", "RunConfig", "load_config",
+           "to_yaml", "with_overrides", "field_docs", "iter_options", "describe_options", "default_config"]
 
 FSDP_METHODS = ("seq-ft", "mtl", "replay")  # full fine-tuning of a fixed parameter set, no forwards of their own
 

@@ -260,7 +260,6 @@ class StepRunner:
         # FSDP2 (migu.fsdp.shard_model, done once per run): every forward/backward all-gathers and
         # reduce-scatters, so every rank must run the same number of micro-batches (see shard)
         self.fsdp = self.world > 1 and engine == "fsdp"
-        self.padding = 0  # trailing placeholder micro-batches of this rank in the current step (FSDP)
         if self.world > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -279,27 +278,28 @@ class StepRunner:
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
     # ------------------------------------------------------------------ rows
-    def shard(self, micro_batches: list[list[dict]], batch_size: int) -> tuple[list[list[dict]], bool]:
-        """This rank's micro-batches of a step and whether it only holds a placeholder row.
+    def shard(self, micro_batches: list[list[dict]], batch_size: int) -> tuple[list[list[dict]], int]:
+        """This rank's micro-batches of a step, and how many of them (the last ones) are placeholders.
 
-        One process: the planned micro-batches unchanged. Several: see the module docstring.
+        One process: the planned micro-batches unchanged. Several: see the module docstring; a placeholder
+        is a row that trains nothing (all labels -100): a rank without rows runs one to join DDP's
+        all-reduce, and under FSDP every rank pads to the busiest rank's micro-batch count.
         """
         if self.world == 1:
-            return micro_batches, False
+            return micro_batches, 0
         rows = [item for micro in micro_batches for item in micro]
         mine = shard_rows(rows, self.rank, self.world)
         first = rows[0]
         blank = [{**first, "labels": [-100] * len(first["labels"])}]  # a row that trains nothing
-        self.padding = 0
         if not mine:  # fewer rows than ranks: join the all-reduce with a row that trains nothing
-            return [blank], True
+            return [blank], 1
         mine.sort(key=lambda item: len(item["input_ids"]))  # stable: less padding per micro-batch
         out = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
-        if self.fsdp:  # as many micro-batches as the busiest rank (rank 0: it gets the most rows)
-            most = -(-len(shard_rows(rows, 0, self.world)) // batch_size)
-            self.padding = most - len(out)
-            out += [blank] * self.padding
-        return out, False
+        if not self.fsdp:
+            return out, 0
+        # FSDP: as many micro-batches as the busiest rank (rank 0: it gets the most rows)
+        padding = -(-len(shard_rows(rows, 0, self.world)) // batch_size) - len(out)
+        return out + [blank] * padding, padding
 
     def to_device(self, batch: dict) -> dict:
         if self.device.type == "cpu":

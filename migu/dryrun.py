@@ -25,7 +25,9 @@ import time
 import torch
 
 from migu.config import RunConfig
+from migu.metrics import evaluated_columns
 from migu.models import ModelError, load_config, model_class
+from migu.steps import check_task_epochs, phase_epochs, phase_lr
 
 # Configs of the paper's models, used when the model is not available locally (the machine is offline):
 # the published architecture hyperparameters of the hub checkpoints.
@@ -121,8 +123,6 @@ def plan(cfg: RunConfig, flops: float | None = None) -> dict:
     n_src = params["encoder"] if seq2seq else params["decoder"]
     n_tgt = params["decoder"]
     rows, train_flops = [], 0.0
-    from migu.train import check_task_epochs, phase_epochs, phase_lr
-
     check_task_epochs(t, tasks)
 
     default_lr = t.lr if t.lr is not None else method.default_lr
@@ -143,10 +143,8 @@ def plan(cfg: RunConfig, flops: float | None = None) -> dict:
                      "lr": phase_lr(t, default_lr, index), "flops": flops_phase})
     # evaluation: the cells of eval.matrix (+ the untrained row)
     n_phases, n_tasks = len(phases), len(tasks)
-    per_row = {"full": [n_tasks] * n_phases,
-               "diagonal": [min(2, n_tasks - i) for i in range(n_phases - 1)] + [n_tasks],
-               "last": [0] * (n_phases - 1) + [n_tasks]}[cfg.eval.matrix]
-    cells = sum(per_row) + (n_tasks if cfg.eval.untrained else 0)
+    cells = sum(len(evaluated_columns(cfg.eval.matrix, i, n_tasks, n_phases)) for i in range(-1, n_phases)
+                if i >= 0 or cfg.eval.untrained)
     eval_task_flops = []
     for task in tasks:
         src = min(count([ex.prompt for ex in task.test]), max_src * len(task.test))

@@ -1,6 +1,6 @@
 """`migu magnitudes`: measure each task's per-layer MIGU magnitude vectors with a run's model.
 
-    model, tokenizer, cfg, method, source = load_trained("runs/x")       # checkpoints/last, as resume loads it
+    model, tokenizer, cfg, method, source = load_trained("runs/x")       # migu.checkpoint: as resume loads it
     mags = collect_task_magnitudes(model, batches, {"threshold": 0.7})   # {layer: L1-normalised vector}
     run_magnitudes("runs/x", n=32)    # magnitudes/<task>.pt + plots/magnitude_*.png, kept_overlap.png
 
@@ -17,17 +17,15 @@ from typing import Iterable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from migu.config import load_config
+from migu.checkpoint import load_trained
 from migu.core import MIGU
 from migu.data import collate, encode, length_grouped_batches
-from migu.methods import get_method
-from migu.models import load_model_and_tokenizer
 from migu.report.plots import write_magnitude_plots
 from migu.report.rundata import ReportError
 from migu.report.similarity import MAGNITUDES, task_file_name
-from migu.rundir import RunDir
 from migu.scenarios import get_scenario
-from migu.train import _load_parameters
+
+__all__ = ["collect_task_magnitudes", "save_task_magnitudes", "load_trained", "task_batches", "run_magnitudes"]
 
 
 def collect_task_magnitudes(model: torch.nn.Module, encoded_batches: Iterable[dict],
@@ -75,31 +73,6 @@ def save_task_magnitudes(magnitudes: dict[str, torch.Tensor], path: str | Path) 
     torch.save({k: v.detach().float().cpu().contiguous() for k, v in magnitudes.items()}, tmp)
     tmp.replace(path)
     return path
-
-
-
-def load_trained(run_dir: str | Path, base: bool = False):
-    """(model, tokenizer, cfg, method, source) of a run: its last checkpoint, or the base model.
-
-    The checkpoint (checkpoints/last: the state after the last finished task) is loaded the way the
-    runner resumes: base model → `method.setup` → method state → saved parameters. Without a
-    checkpoint, or with `base=True`, the base model named in config.yaml is returned (no method setup).
-    """
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ReportError(f"{run_dir / 'config.yaml'}: missing (needed to know the run's model and tasks)")
-    cfg = load_config(run_dir / "config.yaml")
-    method = get_method(cfg.method.name)(cfg.method_options)
-    model, tokenizer = load_model_and_tokenizer(cfg.model.name)
-    checkpoint = None if base else RunDir(run_dir).load_latest()  # verified, as on resume
-    source = f"base model {cfg.model.name}"
-    if checkpoint is not None:
-        model = method.setup(model)
-        method.load_state_dict(checkpoint.method_state)  # before the weights: it may recreate adapters (as on resume)
-        _load_parameters(model, checkpoint)  # whole tensors, or a sharded (DCP) checkpoint read into one process
-        source = f"checkpoint after {checkpoint.meta.get('finished_tasks', '?')} finished phase(s)"
-    model.eval()
-    return model, tokenizer, cfg, method, source
 
 
 def task_batches(tokenizer, examples, max_length: int, batch_size: int, seed: int = 0, encoder=None) -> list[dict]:

@@ -107,6 +107,16 @@ def forward_transfer(R: Matrix, r0: Sequence[float] | None, mtl: bool | None = N
     return _mean([_diff(R[j - 1][j], r0[j]) for j in range(1, T)])
 
 
+def evaluated_columns(matrix: str, stage: int, n_tasks: int, n_phases: int) -> set[int]:
+    """The columns of R evaluated after phase `stage` (-1: the untrained model) under `eval.matrix`."""
+    every = set(range(n_tasks))
+    if matrix == "full" or stage < 0 or stage == n_phases - 1:
+        return every
+    if matrix == "last":
+        return set()  # the paper's protocol: only the final row (AA)
+    return {stage, stage + 1} & every  # R[i][i] for BWT, R[i][i+1] for FWT
+
+
 def summarize(R: Matrix, r0: Sequence[float] | None = None, mtl: bool | None = None) -> dict:
     """Returns all metrics of R as one dict.
 

@@ -28,17 +28,20 @@ import csv
 import io
 import json
 import math
-import os
-import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-from migu.integrity import SHARDS, Checkpoint, Damaged, digest, fsync_dir, io_reason, load_verified
+from migu import integrity
+from migu.distributed import barrier, is_main_process
+from migu.integrity import (CHECKPOINT, LEGACY, PREVIOUS, Checkpoint, RunDirError, WriteError,
+                            atomic_write_text, on_main, to_json, write_error)
 from migu.runlock import LOCK, RunLock
+
+__all__ = ["CONFIG", "STATE", "METRICS", "MATRIX", "PPL_MATRIX", "SUMMARY", "CHECKPOINT", "PREVIOUS", "LEGACY",
+           "RunDir", "RunDirError", "WriteError", "atomic_write_text", "read_jsonl"]
 
 CONFIG = "config.yaml"
 STATE = "state.json"
@@ -46,126 +49,13 @@ METRICS = "metrics.jsonl"
 MATRIX = "accuracy_matrix.csv"
 PPL_MATRIX = "perplexity_matrix.csv"  # instead of MATRIX for scenario: pretrain
 SUMMARY = "summary.json"
-CHECKPOINT = Path("checkpoints") / "last"
-PREVIOUS = CHECKPOINT.with_name("previous")
-LEGACY = CHECKPOINT.with_name("last.old")  # the fallback name of older versions (read only)
+# CHECKPOINT (checkpoints/last), PREVIOUS, LEGACY: the checkpoint directories, written and read by migu.integrity
 _MARKERS = (CONFIG, STATE)  # a directory holding one of these is a run directory
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-class RunDirError(ValueError):
-    """A run directory that cannot be used as asked (exists, missing, not a run directory, locked, damaged)."""
-
-
-class WriteError(RunDirError):
-    """A file of the run directory could not be written (no space, file-size limit); the old version is intact."""
-
-
-def _write_error(path: Path, err: BaseException, what: str = "") -> BaseException:
-    """A WriteError for an I/O failure, else `err` itself (a bug must not pass for a full disk)."""
-    reason = io_reason(err)
-    if reason is None:
-        return err
-    return WriteError(f"cannot write {path}: {reason}; {what or 'its previous version is intact'}")
-
-
-def is_main_process() -> bool:
-    """True unless torch.distributed is initialised and this is not rank 0."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def _broadcast(value):
-    """Rank 0's `value` on every rank (itself without a multi-process group)."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return value
-
-
-def _shared_digests(tmp: Path) -> dict:
-    """meta.json's entries of the DCP files in `tmp`: each rank hashes its share, every rank gets them all.
-
-    An I/O error on any rank is raised on every rank (so none waits for the others forever).
-    """
-    dist = torch.distributed
-    files = sorted(p for p in (tmp / SHARDS).rglob("*") if p.is_file())  # the same list on every rank
-    group = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    rank, world = (dist.get_rank(), dist.get_world_size()) if group else (0, 1)
-    try:
-        part = ({p.relative_to(tmp).as_posix(): digest(p) for p in files[rank::world]}, None)
-    except OSError as err:
-        part = ({}, err)
-    parts = [part]
-    if group:
-        parts = [None] * world
-        dist.all_gather_object(parts, part)
-    for _, err in parts:
-        if err is not None:
-            raise err
-    return {name: d for found, _ in parts for name, d in found.items()}
-
-
-def _on_main(fn: Callable[[], None]) -> None:
-    """Run `fn` on rank 0 only; a RunDirError it raises is raised on every rank (same one-line message)."""
-    error = None
-    if is_main_process():
-        try:
-            fn()
-        except RunDirError as err:
-            error = (type(err) is WriteError, str(err))
-    error = _broadcast(error)
-    if error:
-        raise (WriteError if error[0] else RunDirError)(error[1])
 
 
 def _entries(path: Path) -> list[Path]:
     """The directory's contents other than the lock file (a directory holding only `.lock` is empty)."""
     return [p for p in path.iterdir() if p.name != LOCK] if path.is_dir() else []
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temporary file in the same directory and `os.replace`."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as err:
-        raise _write_error(path, err) from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        raise _write_error(path, err) from None
-
-
-def _json(obj) -> str:
-    text = json.dumps(obj, indent=1, default=_jsonable)
-    # lists without nested containers on one line (JSON strings hold no raw newlines, so this is safe)
-    return re.sub(r"\[[^\[\]{}]*\]", lambda m: re.sub(r"\s*\n\s*", " ", m.group(0)).replace("[ ", "[").replace(" ]", "]"),
-                  text) + "\n"
-
-
-def _jsonable(value):
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 class RunDir:
@@ -189,20 +79,20 @@ class RunDir:
         """
         path = Path(path)
         cls.check_new(path, overwrite)
-        _barrier()  # several processes: every rank has checked the directory before rank 0 changes it
+        barrier()  # several processes: every rank has checked the directory before rank 0 changes it
         if is_main_process():
             try:
                 path.mkdir(parents=True, exist_ok=True)
             except OSError as err:
-                raise _write_error(path, err, "nothing was changed") from None
+                raise write_error(path, err, "nothing was changed") from None
         rd = cls(path).lock()
         try:
             # again under the lock: another writer may have filled or claimed it since the first check
-            _on_main(lambda: (cls.check_new(path, overwrite, probe=False), rd._clear()))
+            on_main(lambda: (cls.check_new(path, overwrite, probe=False), rd._clear()))
         except BaseException:
             rd.unlock()
             raise
-        _barrier()  # ... and sees it created
+        barrier()  # ... and sees it created
         return rd
 
     @staticmethod
@@ -244,7 +134,7 @@ class RunDir:
     def lock(self) -> "RunDir":
         """Become the directory's one writer (rank 0 locks; every rank gets its error). Returns self."""
         if not self._locked:  # the same answer on every rank (only rank 0 holds the OS lock): one collective
-            _on_main(self._lock.acquire)
+            on_main(self._lock.acquire)
             self._locked = True
         return self
 
@@ -262,7 +152,7 @@ class RunDir:
             atomic_write_text(self.path / name, text)
 
     def write_json(self, name: str, obj) -> None:
-        self.write_text(name, _json(obj))
+        self.write_text(name, to_json(obj))
 
     def read_json(self, name: str) -> Optional[dict]:
         path = self.path / name
@@ -308,9 +198,9 @@ class RunDir:
             return
         try:
             with open(self.path / METRICS, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record, default=_jsonable) + "\n")
+                f.write(json.dumps(record, default=integrity.jsonable) + "\n")
         except OSError as err:  # a cut line is skipped by readers and dropped by --resume
-            raise _write_error(self.path / METRICS, err, "the records before it are intact") from None
+            raise write_error(self.path / METRICS, err, "the records before it are intact") from None
 
     def read_metrics(self) -> list[dict]:
         return read_jsonl(self.path / METRICS)
@@ -318,143 +208,27 @@ class RunDir:
     def keep_metrics(self, keep: Callable[[dict], bool]) -> None:
         """Rewrite metrics.jsonl with only the records for which `keep` is true (resume drops lost work)."""
         records = [r for r in self.read_metrics() if keep(r)]
-        self.write_text(METRICS, "".join(json.dumps(r, default=_jsonable) + "\n" for r in records))
+        self.write_text(METRICS, "".join(json.dumps(r, default=integrity.jsonable) + "\n" for r in records))
 
     # ----------------------------------------------------------------------------- checkpoints
+
+    # ----------------------------------------------------------------------------- checkpoints (migu.integrity)
     def save_checkpoint(self, tensors: Optional[dict[str, torch.Tensor]], method_state: dict, meta: dict,
                         training: Optional[dict] = None, shards: Optional[Callable[[Path], None]] = None) -> None:
-        """Write checkpoints/last atomically; the former `last` becomes `previous` (older ones are deleted).
+        """Write checkpoints/last atomically (the former `last` becomes `previous`): `integrity.save_checkpoint`."""
+        integrity.save_checkpoint(self.path, tensors, method_state, meta, training, shards)
 
-        The files go to a temporary directory first (fsynced, sizes and sha256 in meta.json), then two
-        renames: `last` → `previous`, temporary → `last`. A kill between them leaves only `previous`,
-        which `load_latest` falls back to; a failed write (`WriteError`) leaves both untouched.
-        `training`: the optimizer / RNG state of a step checkpoint (training.pt), None between tasks.
-        `shards`: FSDP's sharded state (migu.fsdp.sharded_writer): every rank calls this method and writes
-        its shards into `<temporary>/dcp/` first (`tensors` is then None); rank 0 writes the rest.
-        """
-        if shards is None:
-            if is_main_process():
-                self._write_checkpoint(self._temporary(), tensors, method_state, meta, training)
-            return
-        box = {}
-        _on_main(lambda: box.update(tmp=self._temporary()))  # every rank gets rank 0's error, if any
-        tmp = Path(_broadcast(str(box.get("tmp"))))
-        try:
-            shards(tmp / SHARDS)  # DCP: collective; a rank's failure is raised on every rank
-            digests = _shared_digests(tmp)
-        except BaseException as err:
-            if is_main_process():
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise _write_error(self.path / CHECKPOINT / SHARDS, err, f"the previous checkpoint and summary are "
-                               f"intact; free space and continue with: migu run --resume {self.path}") from None
-        _on_main(lambda: self._write_checkpoint(tmp, None, method_state, {**meta, "sharded": SHARDS}, training,
-                                                digests))
-
-    def _temporary(self) -> Path:
-        last = self.path / CHECKPOINT
-        try:
-            last.parent.mkdir(parents=True, exist_ok=True)
-            return Path(tempfile.mkdtemp(dir=last.parent, prefix=".last."))
-        except OSError as err:
-            raise _write_error(last, err, "the previous checkpoint is intact") from None
-
-    def _write_checkpoint(self, tmp: Path, tensors: Optional[dict[str, torch.Tensor]], method_state: dict, meta: dict,
-                          training: Optional[dict], digests: Optional[dict] = None) -> None:
-        from safetensors.torch import save_file
-
-        last = self.path / CHECKPOINT
-        target = tmp
-        try:
-            files = dict(digests or {})  # a sharded checkpoint's DCP files, written and hashed by every rank
-            if tensors is not None:
-                target = tmp / "params.safetensors"
-                save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(target))
-                files[target.name] = digest(target)
-            for name, obj in (("method.pt", method_state), ("training.pt", training)):
-                if obj is None:
-                    continue
-                target = tmp / name
-                with open(target, "wb") as f:  # through a Python file: a failed write surfaces as OSError
-                    torch.save(obj, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                files[name] = digest(target)
-            target = tmp / "meta.json"
-            with open(target, "w", encoding="utf-8") as f:
-                f.write(_json({**meta, "files": files}))
-                f.flush()
-                os.fsync(f.fileno())
-            fsync_dir(tmp)
-            target = last
-            previous = self.path / PREVIOUS
-            if last.exists():
-                if previous.exists():  # renamed away first: deleting in place is not atomic
-                    os.replace(previous, Path(tempfile.mkdtemp(dir=last.parent, prefix=".last.")) / "old")
-                os.replace(last, previous)
-            os.replace(tmp, last)
-            fsync_dir(last.parent)
-        except BaseException as err:
-            shutil.rmtree(tmp, ignore_errors=True)
-            named = last / target.name if target.parent == tmp else target  # the file as the user knows it
-            raise _write_error(named, err,
-                               f"the previous checkpoint and summary are intact; free space (or raise the "
-                               f"file-size limit) and continue with: migu run --resume {self.path}") from None
-        finally:
-            self.clean_temporaries()  # the previous `previous`, moved aside above
+    def load_latest(self, training: bool = False) -> Optional[Checkpoint]:
+        """The newest intact checkpoint (`last`, else `previous`) or None: `integrity.load_latest`."""
+        return integrity.load_latest(self.path, training)
 
     def load_checkpoint(self) -> Optional[tuple[dict[str, torch.Tensor], dict, dict]]:
-        """`(tensors, method_state, meta)` of the newest intact checkpoint (see `load_latest`), or None.
-
-        A sharded (FSDP) checkpoint's parameters are read whole into this one process.
-        """
-        ckpt = self.load_latest()
-        if ckpt is None:
-            return None
-        if ckpt.sharded is not None:
-            from migu.fsdp import read_sharded
-
-            return read_sharded(ckpt.sharded), ckpt.method_state, ckpt.meta
-        return ckpt.tensors, ckpt.method_state, ckpt.meta
-
-    def load_latest(self, training: bool = False) -> Optional["Checkpoint"]:
-        """The newest checkpoint whose files all match meta.json: `last`, else `previous`; None if none exists.
-
-        Every damaged file passed over is named in `Checkpoint.damaged`; when every checkpoint present
-        is damaged a RunDirError names them (garbage is never loaded). `training`: also load
-        training.pt (optimizer and RNG states of a step checkpoint).
-        """
-        damaged = []
-        for rel in (CHECKPOINT, PREVIOUS, LEGACY):
-            where = self.path / rel
-            if not where.is_dir():
-                continue
-            try:
-                tensors, method_state, meta, state = load_verified(where, training)
-                return Checkpoint(tensors, method_state, meta, state, where=where, damaged=damaged,
-                                  sharded=where / SHARDS if meta.get("sharded") else None)
-            except Damaged as err:
-                damaged.append(f"{_relative(where / err.file, self.path)} {err.why}")
-        if damaged:
-            raise RunDirError(f"{self.path}: no intact checkpoint to resume from: {'; '.join(damaged)}; "
-                              f"start again with --overwrite")
-        return None
+        """`(tensors, method_state, meta)` of the newest intact checkpoint, sharded ones read whole, or None."""
+        return integrity.load_checkpoint(self.path)
 
     def clean_temporaries(self) -> None:
         """Remove leftovers of writes interrupted by a kill (temporary files and checkpoint dirs)."""
-        if not is_main_process():
-            return
-        for tmp in list(self.path.glob(".*.tmp")) + list((self.path / CHECKPOINT.parent).glob(".last.*")):
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink(missing_ok=True)
-
-
-def _relative(path: Path, root: Path) -> Path:
-    try:
-        return root / Path(path).relative_to(root)
-    except ValueError:
-        return Path(path)
+        integrity.clean_temporaries(self.path)
 
 
 def read_jsonl(path: Path) -> list:

@@ -22,6 +22,8 @@ import socket
 from pathlib import Path
 from typing import Optional
 
+from migu.integrity import RunDirError
+
 LOCK = ".lock"
 
 
@@ -41,8 +43,6 @@ class RunLock:
 
         `record`: write this process's pid into the file (for a later writer's error message).
         """
-        from migu.rundir import RunDirError
-
         if self._fd is not None:
             return
         try:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import pandas as pd
+import seaborn as sns
 from tqdm.auto import tqdm
 
 from migu.config import load_config
@@ -237,27 +239,25 @@ def sweep_csv(rows: Sequence[dict], grid: dict[str, list[str]]) -> str:
     return buf.getvalue()
 
 
-def plot_sweep(rows: Sequence[dict], grid: dict[str, list[str]], key: str, title: str = ""):
-    """AA and BWT (mean ± std over seeds) against `key`, one line per combination of the other keys."""
+def plot_sweep(records: Sequence[dict], grid: dict[str, list[str]], key: str, title: str = ""):
+    """AA and BWT against `key`: seaborn point plots of the runs' records (mean ± sample std over seeds, the
+    mean written beside each point), one line per combination of the other keys (+ method and MIGU)."""
     others = [k for k in grid if k not in ("seed", key)]
+    frame = pd.DataFrame(list(records))
+    frame["x"] = frame[key].astype(float)
+    several = frame[["method", "migu"]].drop_duplicates().shape[0] > 1
+    frame["line"] = [", ".join([f"{k}={r[k]}" for k in others] + ([r["method"] + (" + MIGU" if r["migu"] else "")]
+                                                                  if several else [])) for r in records]
     fig = new_figure(10.0, 4.2)
     axes = fig.subplots(1, 2)
-    lines: dict = {}
-    for r in rows:
-        name = ", ".join(f"{k}={r[k]}" for k in others)
-        if len({(x["method"], x["migu"]) for x in rows}) > 1:
-            name = (name + ", " if name else "") + r["method"] + (" + MIGU" if r["migu"] else "")
-        lines.setdefault(name, []).append(r)
     for ax, metric, label in zip(axes, ("aa", "bwt"), ("AA (%)", "BWT (%)")):
-        for name, members in lines.items():
-            pts = sorted((float(m[key]), m[f"{metric}_mean"], m[f"{metric}_std"] or 0.0) for m in members
-                         if m[f"{metric}_mean"] is not None)
-            if not pts:
-                continue
-            xs, ys, es = zip(*pts)
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name or None)
-            for x, y in zip(xs, ys):
-                ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(5, 4), ha="left", fontsize=7)
+        data = frame.dropna(subset=[metric])
+        if data.empty:
+            continue
+        sns.pointplot(data, x="x", y=metric, hue="line", native_scale=True, errorbar="sd", capsize=0.05,
+                      markers="o", linewidth=1.5, ax=ax, legend=metric == "aa" and any(frame["line"]))
+        for (_, x), y in data.groupby(["line", "x"], sort=False)[metric].mean().items():
+            ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(5, 4), ha="left", fontsize=7)
         ax.set_xlabel("MIGU threshold T (fraction of units masked)" if key == THRESHOLD_KEY else key)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -265,7 +265,7 @@ def plot_sweep(rows: Sequence[dict], grid: dict[str, list[str]], key: str, title
         ax.margins(y=0.15)
         if metric == "bwt":
             ax.axhline(0, color="black", linewidth=0.6)
-    if any(lines):
+    if axes[0].get_legend() is not None:
         axes[0].legend(fontsize=8, frameon=False)
     seeds = f", mean ± std over {len(grid['seed'])} seeds" if "seed" in grid else ""
     what = "threshold ablation" if key == THRESHOLD_KEY else f"sweep over {key}"
@@ -288,5 +288,5 @@ def write_sweep_report(points: Sequence[Point], grid: dict[str, list[str]], out:
     key = x_key(grid)
     if key is not None:
         name = "threshold_ablation.png" if key == THRESHOLD_KEY else "sweep.png"
-        files.append(save(plot_sweep(rows, grid, key, title), out / name))
+        files.append(save(plot_sweep(records, grid, key, title), out / name))
     return {"records": records, "rows": rows, "markdown": md, "files": files}

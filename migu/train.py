@@ -8,9 +8,9 @@ Per phase (one task for sequential methods): reseed from (seed, phase) → `meth
 `MIGU.reset`, `method.after_step`) → `method.after_task` → evaluate every task → one row of the accuracy
 matrix → checkpoint (atomic) → state.json. The loop never branches on a method's name.
 
-Loss: the summed token NLL of the answer tokens (prompt tokens are labelled -100) of every micro-batch
-of an optimizer step, divided by the number of answer tokens in the whole step, so `grad_accum`
-micro-batches give the same gradient as one batch of their union.
+Each step: this rank's micro-batches from the `StepRunner` (one process: the plan as it is), the loss of
+`migu.steps.step_loss`, MIGU (a no-op `NoMIGU` in a phase without it, migu/masking.py), clip, step. The
+plan, seeds and loss are migu/steps.py's; what a checkpoint holds of the model is migu/checkpoint.py's.
 
 Resume is exact: a checkpoint holds the trained parameters, the method's state and the rows so far;
 every phase reseeds torch/random/numpy from (seed, phase) and builds a fresh optimizer, so a resumed
@@ -21,55 +21,28 @@ optimizer, RNG states and the position in the phase's plan (migu/preemption.py).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import random
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from migu import distributed, fsdp, preemption
+from migu import checkpoint, distributed, fsdp, preemption
+from migu.compare import Printer, run_comparison
 from migu.config import ConfigError, RunConfig, to_yaml
-from migu.compare import run_comparison
-from migu.data import IGNORE_INDEX, collate, length_grouped_batches
-from migu.masking import phase_migu, token_masker
+from migu.data import collate
+from migu.masking import counting, phase_migu
+from migu.metrics import evaluated_columns
 from migu.methods import Context, get_method
 from migu.models import load_model_and_tokenizer
 from migu.provenance import provenance
 from migu.rundir import RunDir, RunDirError
 from migu.scenarios import absolute_paths, get_scenario
-from migu.seq2seq import is_encoder_decoder
-from migu.seq2seq import nll_sum as seq2seq_nll
+from migu.steps import (adamw, answer_tokens, check_task_epochs, labelled, phase_epochs, phase_lr, phase_seed,
+                        plan_steps, seed_everything, step_loss)
 
-__all__ = ["run", "load_tasks", "step_loss", "seed_everything", "phase_seed", "resolve_precision"]
-
-
-# ------------------------------------------------------------------------------------------ helpers
-def seed_everything(seed: int) -> None:
-    """Seed torch, random and numpy."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def phase_seed(seed: int, index: int) -> int:
-    """The seed of phase `index` of a run with `seed` (distinct per phase, reproducible on resume)."""
-    return (seed * 1_000_003 + 7919 * (index + 1)) % 2**31
-
-
-def load_tasks(cfg: RunConfig) -> list:
-    """The run's task stream, by its scenario (raises DataError naming the file/record/field on bad data).
-
-    For `scenario: pretrain` the domains' `train`/`test` are empty until `Scenario.prepare(tokenizer)`.
-    """
-    return get_scenario(cfg).load_tasks()
-
+__all__ = ["run", "step_loss", "resolve_precision"]
 
 
 def resolve_precision(cfg: RunConfig) -> RunConfig:
@@ -80,164 +53,6 @@ def resolve_precision(cfg: RunConfig) -> RunConfig:
     device = distributed.resolve_device(cfg.train.device)
     precision = distributed.resolve_precision("auto", device)
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
-
-
-def step_loss(model, micro_batches: list[dict], method=None, needs_hidden_states: bool = False, *,
-              total: Optional[int] = None, runner=None, before_forward=None):
-    """Forward + backward of one optimizer step's micro-batches; returns (token-mean NLL, extra loss).
-
-    Each micro-batch contributes `sum NLL(answer tokens) / N` with N the step's total answer tokens,
-    plus `method.extra_loss(...) * n_mb / N`. Only positions that predict an answer token go through
-    the LM head (`logits_to_keep`), which saves most of its cost.
-
-    Data-parallel (`runner`, a `migu.distributed.StepRunner`): `micro_batches` are this rank's share,
-    `total` is the answer-token count of the whole step over all ranks, the forward goes through the
-    DDP wrapper under the run's autocast, and the returned values are this rank's share of the step's.
-    `before_forward(batch)`, if given, is called before each micro-batch's forward (MIGU's token mask).
-    """
-    if total is None:
-        total = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
-    if total == 0:
-        raise ValueError("an optimizer step has no answer tokens (every label is -100)")
-    forward = runner.forward_model if runner is not None else model
-    seq2seq = is_encoder_decoder(model)
-    nll_sum, extra_sum = 0.0, 0.0
-    for i, batch in enumerate(micro_batches):
-        if before_forward is not None:
-            before_forward(batch)
-        with runner.micro_batch(last=i == len(micro_batches) - 1) if runner else contextlib.nullcontext():
-            with runner.autocast() if runner else contextlib.nullcontext():
-                target = batch["labels"][:, 1:]
-                if seq2seq:  # encoder-decoder: the decoder's tokens (migu.seq2seq)
-                    outputs, nll = seq2seq_nll(model, batch, needs_hidden_states, call=forward)
-                else:
-                    keep = (target != IGNORE_INDEX).any(0).nonzero().squeeze(1)
-                    kwargs = {"output_hidden_states": True} if needs_hidden_states else {}
-                    outputs = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                      use_cache=False, logits_to_keep=keep, **kwargs)
-                    logits = outputs.logits
-                    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                          target[:, keep].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-                loss = nll / total
-                extra = method.extra_loss(model, batch, outputs) if method is not None else None
-                if extra is not None:
-                    n_mb = int((target != IGNORE_INDEX).sum())
-                    extra = extra * (n_mb / total)
-                    loss = loss + extra
-                    extra_sum += float(extra.detach())
-            if runner is not None:
-                runner.backward(loss)
-            else:
-                loss.backward()
-        nll_sum += float(nll.detach())
-    return nll_sum / total, extra_sum
-
-
-def phase_lr(train, default: float, index: int) -> float:
-    """The lr of phase `index`: `train.lr_per_phase[index]` (its last entry for later phases), else `default`."""
-    if train.lr_per_phase:
-        return float(train.lr_per_phase[min(index, len(train.lr_per_phase) - 1)])
-    return default
-
-
-def check_task_epochs(train, tasks: list) -> None:
-    """ConfigError when `train.task_epochs` names a task that is not in the stream (it would silently do nothing)."""
-    names = [t.name for t in tasks]
-    for name in train.task_epochs or {}:
-        if name not in names:
-            raise ConfigError(f"train.task_epochs.{name}: not a task of this stream ({', '.join(names)})")
-
-
-def phase_epochs(train, phase_tasks: list) -> int:
-    """Epochs of a phase: the largest `train.task_epochs` entry of its tasks, else `train.epochs`."""
-    per_task = train.task_epochs or {}
-    return max((per_task.get(t.name, train.epochs) for t in phase_tasks), default=train.epochs)
-
-
-def _answer_tokens(item: dict) -> int:
-    """Answer tokens of one encoded item: labelled positions after the first (what the loss averages over)."""
-    return sum(1 for label in item["labels"][1:] if label != IGNORE_INDEX)
-
-
-def _labelled(item: dict) -> int:
-    return sum(1 for label in item["labels"] if label != IGNORE_INDEX)
-
-
-def _plan_steps(items: list[dict], train, seed: int, epoch: int) -> list[list[list[int]]]:
-    """Index lists per micro-batch, grouped `grad_accum` per optimizer step; deterministic for a seed."""
-    if train.group_by_length:
-        batches = length_grouped_batches([len(x["input_ids"]) for x in items], train.batch_size, seed + epoch)
-    else:
-        order = list(range(len(items)))
-        random.Random(seed + epoch).shuffle(order)
-        batches = [order[i:i + train.batch_size] for i in range(0, len(order), train.batch_size)]
-    return [batches[i:i + train.grad_accum] for i in range(0, len(batches), train.grad_accum)]
-
-
-def _adamw(params: list, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW, fused where torch supports it (on CPU ~5x faster per step than the foreach version)."""
-    try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
-def _saved_parameters(model, base_ids: set[int]) -> dict[str, torch.Tensor]:
-    """What a checkpoint holds: parameters the method added (adapters) and every trainable one.
-
-    FSDP: the trainable parameters gathered whole (a collective: every rank calls this).
-    """
-    if fsdp.is_sharded(model):
-        return fsdp.full_state(model)
-    return {n: p for n, p in model.named_parameters() if p.requires_grad or id(p) not in base_ids}
-
-
-def _load_parameters(model, ckpt, optimizer=None) -> None:
-    """The checkpoint's parameters (and, given `optimizer`, a sharded checkpoint's optimizer state)."""
-    names = fsdp.sharded_names(ckpt.sharded) if ckpt.sharded is not None else ckpt.tensors
-    params = dict(model.named_parameters())
-    missing = [n for n in names if n not in params]
-    if missing:
-        raise RunDirError(f"{ckpt.where}: checkpoint parameter {missing[0]!r} is not in the model; "
-                          f"was the run made with another method or model?")
-    if ckpt.sharded is not None:  # DCP reshards: any process count wrote it, sharded model or not
-        fsdp.load_sharded(model, ckpt.sharded, optimizer)
-        return
-    if fsdp.is_sharded(model):  # each rank keeps its rows of the whole tensors (any process count wrote them)
-        fsdp.load_full(model, ckpt.tensors)
-        return
-    with torch.no_grad():
-        for name, value in ckpt.tensors.items():
-            params[name].copy_(value)
-
-
-def _skip_placeholders(migu, before_forward):
-    """MIGU does not count the rows of a placeholder micro-batch (FSDP's padding to equal micro-batch counts)."""
-    if migu is None:
-        return before_forward
-
-    def before(batch):
-        if batch.get("placeholder"):
-            migu.enabled = False
-        if before_forward is not None:
-            before_forward(batch)
-
-    return before
-
-
-class _Printer:
-    """Progress bars and one line per phase on stderr (quiet: nothing)."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-
-    def line(self, text: str) -> None:
-        if not self.quiet:
-            tqdm.write(text, file=sys.stderr)
-
-    def bar(self, total, desc: str):
-        return tqdm(total=total, desc=desc, leave=False, disable=self.quiet or None, file=sys.stderr,
-                    dynamic_ncols=True)
 
 
 # ------------------------------------------------------------------------------------------ one run
@@ -262,30 +77,24 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, output
     """
     cfg.validate()
     cfg = resolve_precision(cfg)
-    where = output_dir or cfg.output_dir or cfg.default_output_dir()
-    with distributed.session(cfg.train.dist_timeout_s, cfg.train.device, run_dir=where, precision=cfg.train.precision,
-                             engine=cfg.train.engine):
-        return _run(cfg, resume=resume, overwrite=overwrite, output_dir=output_dir, quiet=quiet, r0=r0)
-
-
-def _run(cfg: RunConfig, *, resume: bool, overwrite: bool, output_dir: Optional[str], quiet: bool,
-         r0: Optional[list[float]]) -> dict:
     path = Path(output_dir or cfg.output_dir or cfg.default_output_dir())
-    if cfg.compare_migu:
-        def train_one(sub_cfg, sub_path, sub_resume, r0, preloaded):
-            return _Run(sub_cfg, sub_path, sub_resume, False, quiet, r0, preloaded=preloaded).execute()
+    with distributed.session(cfg.train.dist_timeout_s, cfg.train.device, run_dir=str(path),
+                             precision=cfg.train.precision, engine=cfg.train.engine):
+        if cfg.compare_migu:
+            def train_one(sub_cfg, sub_path, sub_resume, r0, preloaded):
+                return _Run(sub_cfg, sub_path, sub_resume, False, quiet, r0, preloaded=preloaded).execute()
 
-        return run_comparison(cfg, path, train_one, resume=resume, overwrite=overwrite, quiet=quiet)
-    rd = None
-    if resume:
-        rd = RunDir.open(path, lock=True)  # fail early, before loading data and model (also: another writer)
-        state, summary = rd.read_state(), rd.read_summary()
-        if state and state.get("status") == "done" and summary is not None:
-            rd.unlock()
-            return summary  # finished: nothing to resume
-    else:
-        RunDir.check_new(path, overwrite)  # "already exists", "in use", before loading anything
-    return _Run(cfg, path, resume, overwrite, quiet, r0, rundir=rd).execute()
+            return run_comparison(cfg, path, train_one, resume=resume, overwrite=overwrite, quiet=quiet)
+        rd = None
+        if resume:
+            rd = RunDir.open(path, lock=True)  # fail early, before loading data and model (also: another writer)
+            state, summary = rd.read_state(), rd.read_summary()
+            if state and state.get("status") == "done" and summary is not None:
+                rd.unlock()
+                return summary  # finished: nothing to resume
+        else:
+            RunDir.check_new(path, overwrite)  # "already exists", "in use", before loading anything
+        return _Run(cfg, path, resume, overwrite, quiet, r0, rundir=rd).execute()
 
 
 class _Run:
@@ -294,7 +103,7 @@ class _Run:
         self.cfg, self.path, self.resume, self.overwrite, self.r0 = cfg, path, resume, overwrite, r0
         self.rd = rundir  # resume: already opened and locked by the caller
         self.preloaded = preloaded  # (model, tokenizer) already loaded by the caller, used instead of loading
-        self.out = _Printer(quiet or not distributed.is_main_process())  # rank 0 prints, every rank trains
+        self.out = Printer(quiet or not distributed.is_main_process())  # rank 0 prints, every rank trains
 
     # --------------------------------------------------------------------------------- setup
     def _setup(self):
@@ -355,11 +164,10 @@ class _Run:
         ckpt = self.rd.load_latest(training=True) if self.resume else None  # verified; damaged → the previous
         done = 0  # optimizer steps of phase `finished` already in a step checkpoint
         if ckpt is not None:
-            method_state, meta = ckpt.method_state, ckpt.meta
+            meta = ckpt.meta
             for note in ckpt.damaged:
                 self.out.line(f"{note}: resuming from {ckpt.where} instead")
-            self.method.load_state_dict(method_state)  # before the weights: it may recreate adapters
-            _load_parameters(self.model, ckpt)
+            checkpoint.restore(self.model, self.method, ckpt)  # method state, then the parameters
             finished, rows, r0 = meta["finished_tasks"], meta["rows"], meta.get("r0", r0)
             elapsed = float(meta.get("elapsed_s", elapsed))
             if meta.get("step"):
@@ -381,13 +189,13 @@ class _Run:
         threads = torch.get_num_threads()
         try:
             with preemption.StopSignals(self.out.quiet) as self.signals:
-                return self._execute()
+                return self._phases()
         finally:
             torch.set_num_threads(threads)  # a library call must not change the caller's setting
             if self.rd is not None:
                 self.rd.unlock()
 
-    def _execute(self) -> dict:
+    def _phases(self) -> dict:
         self.step_ckpt = None
         self._setup()
         started = time.time()
@@ -411,11 +219,9 @@ class _Run:
                 rows.append(self._evaluate(index, name))
                 total = elapsed + time.time() - started
                 if self.cfg.train.checkpoint:
-                    shards = self._shards()
-                    tensors = None if shards else _saved_parameters(self.model, self.base_ids)
-                    self.rd.save_checkpoint(tensors, self.method.state_dict(), {
+                    checkpoint.save(self.rd, self.model, self.base_ids, self.method, {
                         "finished_tasks": index + 1, "rows": rows, "r0": r0, "row_names": row_names[:index + 1],
-                        "elapsed_s": total}, shards=shards)
+                        "elapsed_s": total}, self.cfg.train)
                 self._save_state(index + 1, r0, rows, total, "running")
                 signum = self.schedule.stop_requested()  # a signal during evaluation: stop at this boundary
                 if signum is not None and index + 1 < len(self.phases):
@@ -444,12 +250,12 @@ class _Run:
         seed_everything(seed)
         method.before_task(index, phase_tasks, self.ctx)
         params = method.trainable_parameters(model)
-        optimizer = _adamw(params, phase_lr(cfg.train, self.lr, index), cfg.train.weight_decay)
-        migu = phase_migu(cfg.migu, model, method, index)  # None: no MIGU, or phase 0 with first_task skip
-        before_forward = _skip_placeholders(migu, token_masker(migu, cfg.migu))
+        optimizer = adamw(params, phase_lr(cfg.train, self.lr, index), cfg.train.weight_decay)
+        migu = phase_migu(cfg.migu, model, method, index)  # NoMIGU: no MIGU, or phase 0 with first_task skip
+        before_forward = counting(migu, cfg.migu)  # a placeholder does not count; tokens: answer
         items = self._encode([ex for task in phase_tasks for ex in task.train])
         items = method.train_items(index, phase_tasks, items, self.ctx)  # e.g. replay appends stored items
-        plans = [_plan_steps(items, cfg.train, seed, epoch) for epoch in range(phase_epochs(cfg.train, phase_tasks))]
+        plans = [plan_steps(items, cfg.train, seed, epoch) for epoch in range(phase_epochs(cfg.train, phase_tasks))]
         n_steps = sum(len(p) for p in plans)
         pad = self.tokenizer.pad_token_id
         model.train()
@@ -468,34 +274,27 @@ class _Run:
                             preemption.restore_my_rng(rng)
                         bar.update(1)
                         continue
-                    total = sum(_answer_tokens(item) for mb in mixed for item in mb)
-                    shards, placeholder = runner.shard(mixed, cfg.train.batch_size)
+                    total = sum(answer_tokens(item) for mb in mixed for item in mb)
+                    shards, padding = runner.shard(mixed, cfg.train.batch_size)  # last `padding`: placeholders
                     batches = [runner.to_device(collate(mb, pad)) for mb in shards]
-                    for batch in batches[len(batches) - runner.padding:]:  # FSDP: extra rows that train nothing
-                        batch["placeholder"] = True
-                    if migu is not None:
-                        migu.enabled = not placeholder  # a placeholder row must not count in the statistics
                     loss, extra = step_loss(model, batches, method, method.needs_hidden_states, total=total,
-                                            runner=runner, before_forward=before_forward)
-                    if migu is not None:
-                        migu.enabled = True
+                                            runner=runner, padding=padding, before_forward=before_forward)
+                    migu.enabled = True  # after a placeholder: every rank joins mask_gradients' all-reduce
                     loss, extra = distributed.sum_over_ranks(loss, extra)
                     record = {"type": "train", "stage": index, "task": name, "epoch": epoch, "step": step,
-                              "loss": loss, "tokens": sum(_labelled(item) for mb in mixed for item in mb)}
+                              "loss": loss, "tokens": sum(labelled(item) for mb in mixed for item in mb)}
                     if extra:
                         record["extra_loss"] = extra
-                    if migu is not None:
-                        masks = migu.mask_gradients()
-                        if masks:  # fraction of gradient rows kept over all targeted layers (one host sync)
-                            kept = int(torch.stack([m.sum() for m in masks.values()]).sum())
-                            record["migu_kept"] = kept / sum(m.numel() for m in masks.values())
+                    masks = migu.mask_gradients()
+                    if masks:  # fraction of gradient rows kept over all targeted layers (one host sync)
+                        kept = int(torch.stack([m.sum() for m in masks.values()]).sum())
+                        record["migu_kept"] = kept / sum(m.numel() for m in masks.values())
                     if cfg.train.max_grad_norm:
                         runner.unscale(optimizer)  # fp16: clip the true gradients
                         torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
                     runner.step(optimizer)
                     optimizer.zero_grad(set_to_none=True)
-                    if migu is not None:
-                        migu.reset()
+                    migu.reset()
                     method.after_step(step)
                     self.rd.log(record)
                     losses.append(loss)
@@ -505,8 +304,7 @@ class _Run:
         finally:
             bar.close()
             runner.close()
-            if migu is not None:
-                migu.remove()
+            migu.remove()
         method.after_task(index, phase_tasks, self.ctx)
         mean = sum(losses) / max(1, len(losses))
         self.out.line(f"trained {name} ({index + 1}/{len(self.phases)}): {step} steps, mean loss {mean:.4f}, "
@@ -522,14 +320,7 @@ class _Run:
         ckpt, self.step_ckpt = self.step_ckpt, None
         if ckpt is None:
             return 0, [], None
-        self.method.load_state_dict(ckpt.method_state)
-        _load_parameters(self.model, ckpt, optimizer)  # a sharded checkpoint: the optimizer state as well
-        if ckpt.sharded is None and self.cfg.train.engine == "fsdp":  # whole tensors keyed by name: any process count
-            fsdp.load_full_optimizer_state(self.model, optimizer, ckpt.training["optimizer"])
-        elif ckpt.sharded is None:
-            optimizer.load_state_dict(ckpt.training["optimizer"])
-        if runner.scaler is not None and ckpt.training.get("scaler"):
-            runner.scaler.load_state_dict(ckpt.training["scaler"])
+        checkpoint.restore(self.model, self.method, ckpt, self.cfg.train.engine, optimizer, runner.scaler)
         position = ckpt.meta["step"]
         self.out.line(f"resuming task {position['phase'] + 1}/{len(self.phases)} after step {position['step']}")
         return position["step"], list(position["losses"]), ckpt.training["rng"]
@@ -541,38 +332,18 @@ class _Run:
             return
         if self.cfg.train.checkpoint:
             r0, rows, elapsed, started = self.progress
-            shards = self._shards(optimizer)  # sharded: parameters and optimizer state in its DCP directory
-            state = (None if shards else fsdp.full_optimizer_state(self.model, optimizer)
-                     if self.cfg.train.engine == "fsdp" else optimizer.state_dict())
-            training = {"optimizer": state, "rng": preemption.all_rng_states(),
-                        "scaler": runner.scaler.state_dict() if runner.scaler is not None else None}
-            self.rd.save_checkpoint(None if shards else _saved_parameters(self.model, self.base_ids),
-                                    self.method.state_dict(), {
+            checkpoint.save(self.rd, self.model, self.base_ids, self.method, {
                 "finished_tasks": index, "rows": rows, "r0": r0, "row_names": [n for n, _ in self.phases][:index],
                 "elapsed_s": elapsed + time.time() - started,
-                "step": {"phase": index, "epoch": epoch, "step": step, "losses": losses}}, training, shards=shards)
+                "step": {"phase": index, "epoch": epoch, "step": step, "losses": losses}},
+                self.cfg.train, optimizer, runner.scaler)
             self.schedule.saved()
         if signum is not None:
             raise preemption.Interrupted(signum, f"after step {step}/{n_steps} of task {index + 1}/{len(self.phases)} "
                                                  f"({name})", self.cfg.train.checkpoint)
 
-    def _shards(self, optimizer=None):
-        """The DCP writer of a sharded FSDP checkpoint (train.fsdp_checkpoint), else None (whole tensors)."""
-        if fsdp.is_sharded(self.model) and self.cfg.train.fsdp_checkpoint == "sharded":
-            return fsdp.sharded_writer(self.model, optimizer)
-        return None
-
-    def _columns(self, stage: int) -> set[int]:
-        """The matrix columns evaluated after phase `stage` (-1: the untrained model); see eval.matrix."""
-        every = set(range(len(self.scenario.eval_sets)))
-        if self.cfg.eval.matrix == "full" or stage < 0 or stage == len(self.phases) - 1:
-            return every
-        if self.cfg.eval.matrix == "last":
-            return set()  # the paper's protocol: only the final row (AA)
-        return {stage, stage + 1} & every  # R[i][i] for BWT, R[i][i+1] for FWT
-
     def _evaluate(self, stage: int, after: str) -> list[Optional[float]]:
-        columns = self._columns(stage)
+        columns = evaluated_columns(self.cfg.eval.matrix, stage, len(self.scenario.eval_sets), len(self.phases))
         eval_sets = [t for j, t in enumerate(self.scenario.eval_sets) if j in columns]
         total = sum(len(distributed.shard_rows(t.test)) for t in eval_sets)  # this rank's share
         bar = self.out.bar(total, f"eval after {after}")

@@ -112,7 +112,9 @@ def test_smoke_config_on_the_embedded_model(tmp_path):
     for sub in ("no-migu", "migu"):
         summary = json.loads((out / sub / "summary.json").read_text())
         assert summary["tasks"] == ["dbpedia", "SST-2"] and len(summary["matrix"]) == 2
-        assert summary["aa"] is not None and summary["bwt"] is not None
+        final, first = summary["matrix"][-1], summary["matrix"][0]
+        assert summary["aa"] == pytest.approx(sum(final) / 2)  # the final row's mean, from the run's own matrix
+        assert summary["bwt"] == pytest.approx(final[0] - first[0])
     print(proc.stdout, f"wall {time.time() - start:.0f}s")
 
 

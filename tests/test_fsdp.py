@@ -28,6 +28,7 @@ from tests.test_core import batch, lm_loss_sum
 from tests.test_core_distributed import free_port
 
 pytestmark = pytest.mark.distributed
+__all__ = ["setup", "single"]  # the imported module fixtures are used by pytest
 STEPS, GLOBAL_BATCH = 3, 8
 
 

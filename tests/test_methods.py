@@ -4,6 +4,7 @@ then one contract every registered method meets through the real loop (with and 
 import json
 import math
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -50,7 +51,8 @@ def context(model, tok, tasks):
 
 
 def train_phase(method, model, tok, index, tasks, all_tasks, steps=2, lr=1e-2, threshold=None, batch=4):
-    """One phase through the hooks in the order migu.train calls them; returns the MIGU unit names."""
+    """One phase of a method's hooks on in-memory tasks, in the loop's order (test_method_contract checks that
+    order on the real loop); returns the MIGU unit names."""
     ctx = context(model, tok, all_tasks)
     torch.manual_seed(index)
     method.before_task(index, tasks, ctx)
@@ -671,12 +673,24 @@ class Interrupt(Exception):
     pass
 
 
+# the hooks the loop calls, as letters of the recorded call sequence
+HOOKS = {"eval_context": "E", "before_task": "B", "trainable_parameters": "T", "train_items": "I",
+         "mix_batch": "M", "extra_loss": "X", "after_step": "A", "after_task": "F"}
+
+
 @pytest.mark.parametrize("migu_on", [False, True], ids=["no-migu", "migu"])
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_method_contract(name, migu_on, model_dir, stream, tmp_path, monkeypatch):
-    """Through the real loop: finite losses, only declared parameters train, resume repeats the run."""
+    """Through the real loop: the hooks in the documented order, finite losses, only declared parameters
+    train, resume repeats the run."""
     cls = METHODS[name]
-    loaded, declared = [], set()
+    loaded, declared, calls = [], set(), []
+    for hook, letter in HOOKS.items():  # record every hook call the loop makes, in order
+        def recorded(self, *args, _real=getattr(cls, hook), _letter=letter, **kwargs):
+            calls.append(_letter)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, hook, recorded)
     real_load, real_trainable, real_before = migu.train.load_model_and_tokenizer, cls.trainable_parameters, \
         cls.before_task
 
@@ -698,6 +712,13 @@ def test_method_contract(name, migu_on, model_dir, stream, tmp_path, monkeypatch
     summary = migu.train.run(tiny_run_config(model_dir, stream, tmp_path / "full", **sets), quiet=True)
     records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["type"] == "train"]
+    # untrained evaluation, then per phase: before_task, trainable_parameters, train_items, per step mix_batch →
+    # extra_loss (forward) → after_step, then after_task and the evaluation; one train record per step
+    phases = re.fullmatch(r"E((?:BTI(?:MXA)+FE)+)", "".join(calls))
+    assert phases, "".join(calls)
+    steps = [len(p) for p in re.findall(r"(?:MXA)+", phases.group(1))]
+    assert [n // 3 for n in steps] == [len([r for r in train if r["stage"] == i]) for i in range(len(steps))]
+    assert len(steps) == len(summary["row_names"])
     assert train and all(math.isfinite(r["loss"]) and math.isfinite(r.get("extra_loss", 0.0)) for r in train)
     assert len(summary["matrix"]) == len(cls().phases(make_tasks(2))) == len(summary["row_names"])
     if migu_on:

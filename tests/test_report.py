@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import statistics
 from pathlib import Path
 
-import matplotlib.image as mpimg
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -22,10 +23,11 @@ from migu.magnitudes import collect_task_magnitudes, save_task_magnitudes
 from migu.report.plots import write_magnitude_plots
 from migu.report.similarity import (chance_overlap, kept_overlap, kept_set, layer_type, load_magnitudes,
                                     overlap_by_layer, similarity_matrix)
-from migu.report.plots import figure_pixels, fmt_cell, plot_accuracy_curves, plot_accuracy_matrix, write_run_plots
+from migu.report.plots import (DPI, fmt_cell, plot_accuracy_curves, plot_accuracy_matrix, plot_training_loss,
+                               write_run_plots)
 from migu.sweep import (expand_grid, parse_grid, plan, point_name, point_status, run_sweep, split_values,
                                write_sweep_report)
-from migu.report.tables import aggregate, run_records, write_compare
+from migu.report.tables import aggregate, plot_compare_bars, run_records, write_compare
 
 TASKS = ["dbpedia", "sst2", "agnews"]
 R0 = [10.0, 40.0, 20.0]
@@ -77,8 +79,25 @@ def make_run(path: Path, matrix=MATRIX, r0=R0, tasks=TASKS, method="seq-ft", mig
     return path
 
 
-def png_shape(path: Path) -> tuple[int, int]:
-    return mpimg.imread(path).shape[:2]
+def png_bytes(fig) -> bytes:
+    """The PNG `migu.report.plots.save` writes for `fig`."""
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=DPI, format="png")
+    return buf.getvalue()
+
+
+def cells(ax) -> tuple[list[list], list[list]]:
+    """(values, texts) of a heatmap, rows × columns: the mesh's colour values (None where missing) and the
+    annotation drawn at each cell's centre."""
+    rows, cols = len(ax.get_yticks()), len(ax.get_xticks())
+    mesh = np.ma.getmaskarray(ax.collections[0].get_array()).reshape(rows, cols), \
+        np.asarray(ax.collections[0].get_array()).reshape(rows, cols)
+    values = [[None if mesh[0][i, j] else float(mesh[1][i, j]) for j in range(cols)] for i in range(rows)]
+    texts = [[None] * cols for _ in range(rows)]
+    for t in ax.texts:
+        x, y = t.get_position()
+        texts[int(y)][int(x)] = t.get_text()
+    return values, texts
 
 
 # ------------------------------------------------------------------------------------------ run plots
@@ -86,27 +105,31 @@ def test_heatmap_cells_come_from_the_csv(tmp_path):
     run_dir = make_run(tmp_path / "run")
     run = load_run(run_dir)
     fig = plot_accuracy_matrix(run)
-    texts = [t.get_text() for t in fig.axes[0].texts]
+    values, texts = cells(fig.axes[0])
     with open(run_dir / "accuracy_matrix.csv") as f:
         rows = list(csv.reader(f))[1:]
-    assert texts == [fmt_cell(float(v)) for row in rows for v in row[1:]]
-    assert texts[:3] == ["10.0", "40.0", "20.0"] and texts[-1] == "85.5"
+    assert values == [[float(v) for v in row[1:]] for row in rows] == [R0, *MATRIX]
+    assert texts == [[fmt_cell(float(v)) for v in row[1:]] for row in rows]
+    assert texts[0] == ["10.0", "40.0", "20.0"] and texts[-1][-1] == "85.5"
     ylabels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert ylabels == ["untrained", "after dbpedia", "after sst2", "after agnews"]
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == TASKS
     assert fig.axes[1].get_ylabel() == "accuracy (%)"  # the colorbar
 
 
-def test_write_run_plots_pngs_have_the_figure_size(tmp_path):
+def test_write_run_plots_writes_the_figures_of_the_run_deterministically(tmp_path):
     run_dir = make_run(tmp_path / "run")
     written = write_run_plots(run_dir)
     names = sorted(p.name for p in written)
     assert names == ["accuracy_curves.png", "accuracy_matrix.png", "train_loss.png"]
     run = load_run(run_dir)
+    # each file is the figure drawn from the run's files, byte for byte (no date or other varying metadata)
     for fig, name in ((plot_accuracy_matrix(run), "accuracy_matrix.png"),
-                      (plot_accuracy_curves(run), "accuracy_curves.png")):
-        assert png_shape(run_dir / "plots" / name) == figure_pixels(fig)
-    assert png_shape(run_dir / "plots" / "accuracy_matrix.png") == (360, 650)  # 6.5 x 3.6 in at 100 dpi
+                      (plot_accuracy_curves(run), "accuracy_curves.png"),
+                      (plot_training_loss(run), "train_loss.png")):
+        assert (run_dir / "plots" / name).read_bytes() == png_bytes(fig)
+    assert write_run_plots(run_dir) == written and (run_dir / "plots" / "accuracy_matrix.png").read_bytes() == \
+        png_bytes(plot_accuracy_matrix(run))
 
 
 def test_curves_one_line_per_task_with_the_matrix_values(tmp_path):
@@ -131,8 +154,9 @@ def test_empty_cells_are_missing_values(tmp_path):
     (run_dir / "accuracy_matrix.csv").write_text("after_task,a,b\nuntrained,,5\na,50,\n")
     run = load_run(run_dir)
     assert run.r0 == [None, 5.0] and run.rows == [[50.0, None]]
-    texts = [t.get_text() for t in plot_accuracy_matrix(run).axes[0].texts]
-    assert texts == ["–", "5.0", "50.0", "–"]
+    values, texts = cells(plot_accuracy_matrix(run).axes[0])
+    assert values == [[None, 5.0], [50.0, None]]
+    assert texts == [["–", "5.0"], ["50.0", "–"]]
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -235,7 +259,11 @@ def test_compare_aggregates_seeds_by_method_migu_threshold(tmp_path):
     md = (tmp_path / "out" / "compare.md").read_text()
     aas = expected[(True, 0.5)][0]
     assert f"{statistics.fmean(aas):.2f} ± {statistics.stdev(aas):.2f}" in md
-    assert png_shape(tmp_path / "out" / "compare.png") == (440, 700)
+    fig = plot_compare_bars(result["groups"])  # the bars: each group's mean AA / BWT, labelled, ± its std
+    for ax, key in zip(fig.axes, ("aa", "bwt")):
+        assert sorted(p.get_height() for p in ax.patches) == pytest.approx(sorted(g[f"{key}_mean"] for g in groups))
+        assert sorted(t.get_text() for t in ax.texts) == sorted(f"{g[f'{key}_mean']:.1f}" for g in groups)
+    assert (tmp_path / "out" / "compare.png").read_bytes() == png_bytes(fig)
 
 
 def test_compare_keeps_different_settings_apart(tmp_path):
@@ -322,11 +350,16 @@ def test_sweep_report_table_and_ablation_plot(tmp_path):
         assert r["aa_std"] == pytest.approx(1.0)  # seeds shift by -1, 0, +1
     from migu.sweep import plot_sweep
 
-    fig = plot_sweep(rows, grid, "migu.threshold")
+    fig = plot_sweep(result["records"], grid, "migu.threshold", title="t")
     (line,) = [ln for ln in fig.axes[0].get_lines() if ln.get_marker() == "o"]
     assert list(line.get_xdata()) == [0.0, 0.5, 0.9]
     assert list(line.get_ydata()) == pytest.approx([r["aa_mean"] for r in rows])
-    assert png_shape(out / "threshold_ablation.png") == figure_pixels(fig)
+    # seaborn's error bars: mean ± sample std of the seeds, as the table's
+    bars = sorted((np.nanmin(ln.get_ydata()), np.nanmax(ln.get_ydata())) for ln in fig.axes[0].get_lines()
+                  if ln.get_marker() in (None, "None", ""))
+    assert bars == pytest.approx(sorted((r["aa_mean"] - r["aa_std"], r["aa_mean"] + r["aa_std"]) for r in rows))
+    assert sorted(t.get_text() for t in fig.axes[0].texts) == sorted(f"{r['aa_mean']:.1f}" for r in rows)
+    assert (out / "threshold_ablation.png").read_bytes() == png_bytes(fig)
 
 
 def test_cli_sweep_no_run_rebuilds_the_report(tmp_path, capsys):
@@ -419,15 +452,15 @@ def test_magnitude_files_and_plots(tmp_path):
     written = write_magnitude_plots(mdir, tmp_path / "plots", threshold=0.5)
     assert [p.name for p in written] == ["magnitude_similarity.png", "magnitude_similarity_by_type.png",
                                          "kept_overlap.png"]
-    from migu.report.plots import figure_pixels as px
     from migu.report.plots import plot_similarity
 
     tasks, S = similarity_matrix(load_magnitudes(mdir))
     _, C = similarity_matrix(load_magnitudes(mdir), centered=True)
     fig = plot_similarity(tasks, S, centered=C)
-    assert [t.get_text() for t in fig.axes[0].texts] == [f"{v:.3f}" for row in S for v in row]
-    assert [t.get_text() for t in fig.axes[1].texts] == [f"{v:.3f}" for row in C for v in row]
-    assert png_shape(tmp_path / "plots" / "magnitude_similarity.png") == px(fig)
+    for ax, M in zip(fig.axes, (S, C)):
+        values, texts = cells(ax)
+        assert sum(values, []) == pytest.approx(sum(map(list, M), []))
+        assert texts == [[f"{v:.3f}" for v in row] for row in M]
     with pytest.raises(ReportError, match="zz.pt: missing"):
         load_magnitudes(mdir, tasks=["a", "zz"])
     (mdir / "bad.pt").write_text("garbage")

@@ -123,7 +123,10 @@ def test_generate_mode_and_grad_accum_run(tmp_path, tiny_llama_dir, stream):
     assert len(train_losses(out)) == 3 * 2 * 3  # 6 micro-batches → 3 steps per epoch, 2 epochs, 3 tasks
     evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
     assert all(len(r["samples"]) == 3 and r["n"] == 6 for r in evals)
-    assert summary["aa"] is not None
+    # generate mode: a cell is the exact-match rate of the generated answers, and AA the final row's mean
+    assert all(r["accuracy"] == pytest.approx(100.0 * r["correct"] / r["n"]) for r in evals)
+    final = [r["accuracy"] for r in evals if r["stage"] == 2]
+    assert summary["matrix"][-1] == final and summary["aa"] == pytest.approx(sum(final) / 3)
 
 
 def test_resume_after_exception_matches_uninterrupted(tmp_path, tiny_llama_dir, stream, monkeypatch):
@@ -388,10 +391,9 @@ def test_migu_tokens_and_lm_head_count_the_hand_computed_positions(tmp_path, tin
                                                     "train.group_by_length": False}), quiet=True)
     # hand computation from the encoded items of each step (same seeded plan as the runner)
     from migu.config import load_config
-    from migu.data import load_custom_stream
     from migu.models import load_model_and_tokenizer
     from migu.scenarios import get_scenario
-    from migu.train import _plan_steps, phase_seed
+    from migu.steps import phase_seed, plan_steps
 
     cfg = load_config(out / "config.yaml")
     _, tok = load_model_and_tokenizer(cfg.model.name)
@@ -401,7 +403,7 @@ def test_migu_tokens_and_lm_head_count_the_hand_computed_positions(tmp_path, tin
     expected = []
     for index, task in enumerate(tasks):
         items = scenario.encode(tok, task.train)
-        for step in _plan_steps(items, cfg.train, phase_seed(cfg.seed, index), 0):
+        for step in plan_steps(items, cfg.train, phase_seed(cfg.seed, index), 0):
             rows = [items[i] for mb in step for i in mb]
             answer = sum(sum(1 for lab in it["labels"][1:] if lab != IGNORE_INDEX) for it in rows)
             real = sum(len(it["input_ids"]) for it in rows)

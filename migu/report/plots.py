@@ -10,8 +10,8 @@ Written to `<run>/plots/`:
     train_loss.png        training loss per optimizer step, coloured by phase (when metrics.jsonl has train records)
     magnitude_*.png       from magnitudes/<task>.pt when two or more tasks were measured (see migu.report.similarity)
 
-Every figure has a fixed size in inches at `DPI`, so its PNG has a predictable pixel size
-(`figure_pixels(fig)`).
+Every figure has a fixed size in inches at `DPI`; heatmaps are seaborn's. The PNGs are deterministic (no
+date in PNG metadata): the same run directory gives the same bytes.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
+import pandas as pd
+import seaborn as sns
 from matplotlib.figure import Figure
 
 from migu.metrics import perplexity_metric_line
@@ -30,6 +32,7 @@ from migu.report.similarity import (MAGNITUDES, chance_overlap, common_layers, l
 DPI = 100
 PLOTS = "plots"
 _CMAP = "viridis"
+_MISSING = "#d9d9d9"
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -45,12 +48,6 @@ def save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def figure_pixels(fig: Figure) -> tuple[int, int]:
-    """(height, width) in pixels of the PNG `save` writes for `fig`."""
-    w, h = fig.get_size_inches()
-    return int(round(h * DPI)), int(round(w * DPI))
-
-
 def fmt_cell(value: Optional[float], digits: int = 1) -> str:
     """Text drawn in a heatmap cell: `42.5`; `–` for a missing value."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -62,49 +59,30 @@ def fmt_cell(value: Optional[float], digits: int = 1) -> str:
 def heatmap(ax, values: Sequence[Sequence[Optional[float]]], row_labels: Sequence[str], col_labels: Sequence[str],
             *, vmin: float, vmax: float, cmap: str = _CMAP, digits: int = 1, cbar_label: str = "",
             annotate: Optional[bool] = None, fig: Optional[Figure] = None):
-    """Draw `values` (rows × cols; None = missing, shown grey with `–`) on `ax` with labels and a colorbar.
+    """seaborn's heatmap of `values` (rows × cols; None = missing, shown grey with `–`) on `ax`, with a colorbar
+    when `fig` is given; returns the cell mesh (for a shared colorbar).
 
-    Cell texts are `fmt_cell(value, digits)`, in row-major order in `ax.texts`; they are drawn when
-    `annotate` is true (default: at most 400 cells).
+    Cell texts are `fmt_cell(value, digits)` at the cell centres (`ax.texts`); they are drawn when `annotate`
+    is true (default: at most 400 cells).
     """
-    import numpy as np
-
-    data = np.array([[np.nan if v is None else float(v) for v in row] for row in values], dtype=float)
-    masked = np.ma.masked_invalid(data)
-    cm = _colormap(cmap)
-    image = ax.imshow(masked, cmap=cm, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
-    ax.set_xticks(range(len(col_labels)), labels=list(col_labels), rotation=35 if len(col_labels) > 3 else 0,
-                  ha="right" if len(col_labels) > 3 else "center")
-    ax.set_yticks(range(len(row_labels)), labels=list(row_labels))
-    ax.tick_params(length=0)
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-    n_rows, n_cols = data.shape if data.size else (len(row_labels), len(col_labels))
-    if annotate is None:
-        annotate = n_rows * n_cols <= 400
+    frame = pd.DataFrame([[math.nan if v is None else float(v) for v in row] for row in values],
+                         index=list(row_labels), columns=list(col_labels), dtype=float)
+    n_rows, n_cols = frame.shape
+    annotate = n_rows * n_cols <= 400 if annotate is None else annotate
+    size = 9 if n_cols <= 6 else 7 if n_cols <= 12 else 6
+    sns.heatmap(frame, ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, annot=annotate, fmt=f".{digits}f",
+                annot_kws={"fontsize": size}, xticklabels=True, yticklabels=True, cbar=fig is not None,
+                cbar_kws={"shrink": 0.9, "label": cbar_label})
+    ax.set_facecolor(_MISSING)  # seaborn leaves missing (NaN) cells undrawn
     if annotate:
-        size = 9 if n_cols <= 6 else 7 if n_cols <= 12 else 6
-        for i in range(n_rows):
-            for j in range(n_cols):
-                v = data[i, j]
-                if np.isnan(v):
-                    color = "black"
-                else:
-                    r, g, b, _ = cm((v - vmin) / (vmax - vmin) if vmax > vmin else 0.5)
-                    color = "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.55 else "black"
-                ax.text(j, i, fmt_cell(None if np.isnan(v) else float(v), digits), ha="center", va="center",
-                        fontsize=size, color=color)
-    if fig is not None:
-        cbar = fig.colorbar(image, ax=ax, shrink=0.9)
-        if cbar_label:
-            cbar.set_label(cbar_label)
-    return image
-
-
-def _colormap(name: str):
-    import matplotlib
-
-    return matplotlib.colormaps[name].with_extremes(bad="#d9d9d9")
+        for i, j in zip(*frame.isna().to_numpy().nonzero()):
+            ax.text(j + 0.5, i + 0.5, fmt_cell(None), ha="center", va="center", fontsize=size)
+    rotate = len(col_labels) > 3
+    ax.tick_params(length=0, axis="x", labelrotation=35 if rotate else 0)
+    ax.tick_params(length=0, axis="y", labelrotation=0)
+    for label in ax.get_xticklabels():
+        label.set_horizontalalignment("right" if rotate else "center")
+    return ax.collections[0]
 
 
 def plot_accuracy_matrix(run: Run) -> Figure:
