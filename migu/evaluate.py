@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from migu import prefix_eval
-from migu.data import IGNORE_INDEX, DataError, Task, collate, encode_prompts, on_model_device
+from migu import evaluate_seq2seq, prefix_eval
+from migu.data import (IGNORE_INDEX, DataError, Task, collate, encode_prompts, extract_answer, on_model_device,
+                       sorted_batches)
 from migu.prefix_eval import MIN_PREFIX, PrefixCache, shared_prefix_length
 from migu.seq2seq import is_encoder_decoder
 
@@ -36,11 +37,6 @@ def normalize(text: str) -> str:
     """Strip, lowercase, collapse whitespace, drop trailing punctuation: `" Sports.\\n"` → `"sports"`."""
     text = re.sub(r"\s+", " ", text.strip().lower())
     return text.rstrip(_TRAILING_PUNCT).strip()
-
-
-def extract_answer(generated: str) -> str:
-    """The generated text up to the first newline (the answer line)."""
-    return generated.split("\n", 1)[0]
 
 
 def is_correct(prediction: str, label: str) -> bool:
@@ -100,7 +96,6 @@ def evaluate_task(model, tokenizer, task: Task, mode: str = "generate", batch_si
 
 
 def _seq2seq(model, tokenizer, task, mode, batch_size, max_length, max_new_tokens, on_batch) -> list[str]:
-    from migu import evaluate_seq2seq
 
     if mode == "generate":
         return evaluate_seq2seq.generate(model, tokenizer, task, batch_size, max_length, max_new_tokens, on_batch)
@@ -114,11 +109,6 @@ def _seq2seq(model, tokenizer, task, mode, batch_size, max_length, max_new_token
 def evaluate_tasks(model, tokenizer, tasks: Sequence[Task], **kwargs) -> list[TaskResult]:
     """`evaluate_task` on every task, in order (keyword arguments as there)."""
     return [evaluate_task(model, tokenizer, task, **kwargs) for task in tasks]
-
-
-def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))  # longest first: memory peaks early
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def prompt_budget(tokenizer, task: Task, max_length: int) -> int:
@@ -153,7 +143,7 @@ def _generate(model, tokenizer, task, batch_size, max_length, max_new_tokens, on
     config = GenerationConfig(max_new_tokens=max_new, do_sample=False, num_beams=1, pad_token_id=pad,
                               eos_token_id=tokenizer.eos_token_id)
     predictions = [""] * len(items)
-    for index in _batches([len(x["input_ids"]) for x in items], batch_size):
+    for index in sorted_batches([len(x["input_ids"]) for x in items], batch_size):
         if prefix is not None:
             rows = prefix_eval.generate(
                 prefix, [items[i]["input_ids"][prefix.length:] for i in index], max_new, tokenizer.eos_token_id,
@@ -195,7 +185,7 @@ def _rank(model, tokenizer, task, batch_size, max_length, on_batch, prefix_cache
     if prefix is not None:
         per_example = torch.empty(len(prompts), n_labels, dtype=torch.float64)
         # each batch runs its examples' suffixes once and then all their labels: about batch_size label rows
-        for index in _batches([len(p) for p in prompts], max(1, batch_size // n_labels)):
+        for index in sorted_batches([len(p) for p in prompts], max(1, batch_size // n_labels)):
             per_example[index] = prefix_eval.score_labels(
                 prefix, [prompts[i][prefix.length:] for i in index], targets, pad)
             if on_batch:
@@ -204,7 +194,7 @@ def _rank(model, tokenizer, task, batch_size, max_length, on_batch, prefix_cache
         items = [{"input_ids": prompts[e] + t, "labels": [IGNORE_INDEX] * len(prompts[e]) + t}
                  for e in range(len(prompts)) for t in targets]
         scores = torch.empty(len(items), dtype=torch.float64)
-        for index in _batches([len(x["input_ids"]) for x in items], batch_size):
+        for index in sorted_batches([len(x["input_ids"]) for x in items], batch_size):
             batch = on_model_device(collate([items[i] for i in index], pad, padding_side="right"), model)
             scores[index] = sequence_logprobs(model, batch).double().cpu()
             if on_batch:

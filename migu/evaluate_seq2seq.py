@@ -11,15 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from migu.data import Example, collate, on_model_device
+from migu.data import Example, collate, extract_answer, on_model_device, sorted_batches
 from migu.data.seq2seq import encode_seq2seq, encode_sources
 from migu.seq2seq import token_logprobs
-
-
-def _batches(lengths, batch_size):
-    from migu.evaluate import _batches as batches
-
-    return batches(lengths, batch_size)
 
 
 def _pad(tokenizer) -> int:
@@ -36,8 +30,6 @@ def generate(model, tokenizer, task, batch_size, max_length, max_new_tokens, on_
     """Greedy predictions (text up to the first newline) for `task.test`."""
     from transformers import GenerationConfig
 
-    from migu.evaluate import extract_answer
-
     items = encode_sources(tokenizer, [ex.prompt for ex in task.test], max_length)
     config = model.generation_config
     start = config.decoder_start_token_id
@@ -47,7 +39,7 @@ def generate(model, tokenizer, task, batch_size, max_length, max_new_tokens, on_
                            do_sample=False, num_beams=1, pad_token_id=_pad(tokenizer),
                            eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=start)
     predictions = [""] * len(items)
-    for index in _batches([len(x["input_ids"]) for x in items], batch_size):
+    for index in sorted_batches([len(x["input_ids"]) for x in items], batch_size):
         # right padding: the encoder is bidirectional and masked, the decoder starts fresh for every row
         batch = on_model_device(collate([items[i] for i in index], _pad(tokenizer), padding_side="right"), model)
         out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -65,7 +57,7 @@ def rank(model, tokenizer, task, batch_size, max_length, max_target_length, on_b
     items = encode_seq2seq(tokenizer, [Example(task.test[e].prompt, label) for e, label in pairs], max_length,
                            max_target_length)
     scores = torch.empty(len(items), dtype=torch.float64)
-    for index in _batches([len(x["input_ids"]) for x in items], batch_size):
+    for index in sorted_batches([len(x["input_ids"]) for x in items], batch_size):
         batch = on_model_device(collate([items[i] for i in index], _pad(tokenizer), padding_side="right"), model)
         scores[index] = token_logprobs(model, batch).double().cpu()
         if on_batch:

@@ -383,7 +383,7 @@ class _Run:
             "method_options": dataclasses.asdict(self.cfg.method_options), "lr": self.lr,
             "migu": dataclasses.asdict(self.cfg.migu), "seed": self.cfg.seed, "model": self.cfg.model.name,
             "precision": self.cfg.train.precision,
-            "wall_time_s": round(wall, 1), "git_commit": prov["git_commit"], "machine": prov["machine"],
+            "wall_time_s": round(wall, 1), "git_commit": prov["git_commit"], "code": prov["code"], "machine": prov["machine"],
             "versions": prov["versions"],
         }
 

@@ -92,7 +92,7 @@ def test_run_writes_the_run_directory(tmp_path, tiny_llama_dir, stream):
     evals = [r for r in records if r["type"] == "eval"]
     assert len(evals) == 4 * 3 and {r["after_task"] for r in evals} == {"untrained", "colors", "animals", "moods"}
     for key in ("aa", "bwt", "fwt", "forgetting", "matrix", "r0", "tasks", "method", "migu", "seed",
-                "wall_time_s", "versions", "git_commit"):
+                "wall_time_s", "versions", "git_commit", "code"):
         assert key in summary
     assert summary == json.loads((out / "summary.json").read_text())
     assert summary["matrix"] == state["rows"] and summary["method"] == "seq-ft" and summary["lr"] == 3e-3

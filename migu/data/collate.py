@@ -88,6 +88,12 @@ def encode_prompts(tokenizer, prompts: Sequence[str], max_length: int, keep_last
     return [{"input_ids": ids} for ids in _prompt_ids(tokenizer, prompts, max_length, keep_last, [0] * len(prompts))]
 
 
+def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Evaluation batches: indices sorted longest first (memory peaks early, ties by index), then cut."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int,
                            mega_batch_mult: int = 50) -> list[list[int]]:
     """Batches of indices with similar lengths, so padding stays small; deterministic for a seed.

@@ -51,3 +51,8 @@ def build_prompt(
         parts.append("Option: " + ", ".join(options) + " \n")
     parts += [sentence, ANSWER_SUFFIX]
     return "".join(parts)
+
+
+def extract_answer(generated: str) -> str:
+    """The generated text up to the first newline (the answer line the prompt format asks for)."""
+    return generated.split("\n", 1)[0]
