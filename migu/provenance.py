@@ -52,15 +52,19 @@ def _provenance() -> dict:
 
 
 def code_fingerprint(root: Path | None = None) -> str:
-    """12 hex digits of SHA-256 over migu's Python sources (relative path + bytes, sorted).
+    """12 hex digits of SHA-256 over migu's Python sources (relative path + bytes, sorted), report/ excepted.
 
     What decides a run's numbers, unlike the git commit, which also moves with docs, tests and committed
     results: runs with one fingerprint ran the same package code, whichever commit they were made at.
+    migu/report/ only reads finished run directories, so a change to a table or figure leaves it alone.
     """
     root = root or Path(__file__).resolve().parent
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith("report/"):
+            continue
+        digest.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:12]
 
 

@@ -11,14 +11,16 @@ def _tree(tmp_path, files):
     return tmp_path
 
 
-def test_fingerprint_moves_with_python_sources_only(tmp_path):
+def test_fingerprint_moves_with_the_python_sources_that_run(tmp_path):
     root = _tree(tmp_path / "a", {"core.py": "x = 1\n", "report/plots.py": "y = 2\n", "README.md": "doc"})
     before = code_fingerprint(root)
     assert len(before) == 12 and int(before, 16) >= 0
     (root / "README.md").write_text("other doc")  # not code: same fingerprint
     (root / "cache.pyc").write_bytes(b"\0")
     assert code_fingerprint(root) == before
-    (root / "report/plots.py").write_text("y = 3\n")
+    (root / "report/plots.py").write_text("y = 3\n")  # reports only read run directories
+    assert code_fingerprint(root) == before
+    (root / "core.py").write_text("x = 2\n")
     assert code_fingerprint(root) != before
 
 
