@@ -17,9 +17,8 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
-from migu.metrics import perplexity_metric_line
+from migu.metrics import METRIC_KEYS, PPL_METRIC_KEYS, perplexity_metric_line
 from migu.report.plots import fmt_cell, new_figure, save
-from migu.metrics import METRIC_KEYS, PPL_METRIC_KEYS
 from migu.report.rundata import Run
 
 # config keys that do not make two runs different experiments
@@ -42,16 +41,9 @@ HEADERS = {"ppl_avg": "avg ppl", "ppl_forgetting": "ppl forgetting", "ppl_genera
 
 
 # ------------------------------------------------------------------------------------------ records
-def flatten(config: dict, prefix: str = "") -> dict:
-    """{"migu": {"threshold": 0.7}} → {"migu.threshold": 0.7}; lists become tuples (hashable)."""
-    flat = {}
-    for key, value in config.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, dotted + "."))
-        else:
-            flat[dotted] = _hashable(value)
-    return flat
+def flatten(config: dict) -> dict:
+    """{"migu": {"threshold": 0.7}} → {"migu.threshold": 0.7} (pandas.json_normalize); lists become tuples."""
+    return {k: _hashable(v) for k, v in pd.json_normalize(config, sep=".").to_dict("records")[0].items()}
 
 
 def _hashable(value):
