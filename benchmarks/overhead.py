@@ -2,6 +2,7 @@
 
     python benchmarks/overhead.py                      # embedded SmolLM2-135M, batch 8 × 128 tokens
     python benchmarks/overhead.py --random --repeats 3 # same-shape random model (no embedded wheel needed)
+    python benchmarks/overhead.py --precision bf16 --out results/overhead/overhead-bf16.json  # the runner's default here
 
 Steps with and without MIGU are interleaved (A B B A ...) on the same model so that machine noise hits
 both conditions alike. Each step records wall time and the process's CPU time; the CPU-time ratio
@@ -40,12 +41,14 @@ def load(random_init: bool):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), str(AutoConfig.from_pretrained(path)._name_or_path or path)
 
 
-def step_fn(model, params, batch, migu):
+def step_fn(model, params, batch, migu, precision="fp32"):
     opt = torch.optim.AdamW(params, lr=1e-5)
 
     def step():
         t0, c0 = time.perf_counter(), time.process_time()
-        out = model(**batch, labels=batch["input_ids"])
+        # bf16: autocast as the runner's `train.precision: bf16` (fp32 weights, optimizer and MIGU statistics)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(**batch, labels=batch["input_ids"])
         out.loss.backward()
         if migu is not None and migu.enabled:
             migu.mask_gradients()
@@ -59,9 +62,9 @@ def step_fn(model, params, batch, migu):
     return step
 
 
-def measure(model, params, batch, repeats, threshold):
+def measure(model, params, batch, repeats, threshold, precision="fp32"):
     migu = MIGU(model, threshold=threshold)
-    step = step_fn(model, params, batch, migu)
+    step = step_fn(model, params, batch, migu, precision)
     times = {"plain": [], "migu": []}
     cpu = {"plain": [], "migu": []}
     migu.enabled = False
@@ -89,6 +92,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=4, help="rounds; each round runs 2 steps per condition")
     p.add_argument("--threshold", type=float, default=0.7)
     p.add_argument("--random", action="store_true", help="use a same-shape random model")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: the step under bf16 autocast")
     p.add_argument("--out", default="results/overhead/overhead.json")
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -98,9 +102,10 @@ def main(argv=None):
              "attention_mask": torch.ones(args.batch, args.length, dtype=torch.long)}
 
     result = {"model": name, "batch": args.batch, "length": args.length, "threshold": args.threshold,
-              "repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "repeats": args.repeats, "precision": args.precision, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"}
-    ratio, times, extra, units, layers = measure(model, list(model.parameters()), batch, args.repeats, args.threshold)
+    ratio, times, extra, units, layers = measure(model, list(model.parameters()), batch, args.repeats, args.threshold,
+                                                   args.precision)
     result.update(full_ft_ratio=ratio, full_ft_times=times, extra_bytes=extra, full_ft_units=units,
                   full_ft_layers=layers, bound_bytes=4 * units + 8 * layers)
     print(f"full FT: ×{ratio:.3f} CPU time (×{times['wall_ratio']:.3f} wall), "
@@ -110,7 +115,7 @@ def main(argv=None):
 
     lora = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
     params = [q for q in lora.parameters() if q.requires_grad]
-    ratio, times, extra, units, layers = measure(lora, params, batch, args.repeats, args.threshold)
+    ratio, times, extra, units, layers = measure(lora, params, batch, args.repeats, args.threshold, args.precision)
     result.update(lora_ratio=ratio, lora_times=times, lora_extra_bytes=extra, lora_units=units, lora_layers=layers)
     print(f"LoRA:    ×{ratio:.3f} CPU time (×{times['wall_ratio']:.3f} wall), "
           f"MIGU state {extra / 1e3:.1f} kB for {units} units")

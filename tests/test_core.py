@@ -137,6 +137,25 @@ def test_a_mask_buffer_rewritten_in_place_between_forwards_is_read_anew():
     assert float(migu.units[0].count) == 2.0
 
 
+def test_statistics_through_the_reused_buffer_equal_fresh_ones_as_batch_shapes_change():
+    # one float32 buffer serves every layer (widths 16 and 32 here) and grows with the batch: small, big, small
+    model = llama()
+    migu = MIGU(model, 0.5)
+    outputs = {u.name: [] for u in migu.units}
+    taps = [u.module.register_forward_hook(lambda m, i, o, n=u.name: outputs[n].append(o.detach().clone()))
+            for u in migu.units]
+    batches = [batch(n=2, length=5, pad_last=1), batch(n=6, length=12, seed=2, pad_last=3), batch(n=3, length=4, seed=3)]
+    for ids, mask in batches:
+        model(input_ids=ids, attention_mask=mask)
+    for tap in taps:
+        tap.remove()
+    assert {u.size for u in migu.units} == {16, 32, 8}  # q/o/v-k (2 kv heads × 4) and the MLP
+    for unit in migu.units:
+        expected = sum((y.abs() * m[..., None]).sum((0, 1)) for y, (_, m) in zip(outputs[unit.name], batches))
+        torch.testing.assert_close(unit.sum, expected, rtol=1e-6, atol=1e-6)
+        assert float(unit.count) == sum(float(m.sum()) for _, m in batches)
+
+
 # ------------------------------------------------------------------------------------------ 2. masks
 @pytest.mark.parametrize("t,d,k", [(0.7, 10, 3), (0.0, 10, 10), (0.5, 6, 3), (0.7, 6, 2), (0.9, 4, 1), (0.99, 3, 1)])
 def test_keep_count(t, d, k):
