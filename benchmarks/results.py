@@ -161,9 +161,11 @@ def _run_one(table: str, name: str, sets: dict, run_dir: Path, threads: int | No
     return run(cfg, resume=resume, output_dir=str(run_dir), quiet=True), cfg
 
 
-def _same_settings(sets: dict, root: Path) -> Path | None:
-    """A committed run of another table with exactly these settings, if any."""
+def _same_settings(sets: dict, root: Path, table: str) -> Path | None:
+    """A committed run of another table than `table` with exactly these settings, if any."""
     for f in sorted((root / "results").glob("*/*.json")):
+        if f.parent.name == table:
+            continue
         with contextlib.suppress(ValueError, KeyError, TypeError):
             if json.loads(f.read_text())["settings"] == sets:
                 return f
@@ -178,7 +180,7 @@ def run_table(table: str, runs, list_only: bool, threads: int | None = None, roo
         if target.exists() or list_only:
             print(f"{'done' if target.exists() else 'todo'}  {table}/{name}")
             continue
-        same = _same_settings(sets, root)
+        same = _same_settings(sets, root, table)
         if same is not None:  # e.g. the regime's largest size is the lr table's chosen run: one run, two tables
             target.write_text(json.dumps({**json.loads(same.read_text()), "table": table, "run": name}, indent=1) + "\n")
             print(f"done   {table}/{name}: the same settings as {same.parent.name}/{same.stem}", flush=True)
@@ -644,7 +646,10 @@ def main(argv=None):
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "overhead.py")], check=True)
         print(f"wrote {render()}")
     else:
-        run_table(a.table, shard(pick_methods(TABLES[a.table](a), a.methods), a.shard), a.list, a.threads)
+        runs = pick_methods(TABLES[a.table](a), a.methods)
+        # runs another table already made are copied by every shard; only those to train are dealt out
+        copied = [r for r in runs if _same_settings(r[1], ROOT, a.table) is not None]
+        run_table(a.table, copied + shard([r for r in runs if r not in copied], a.shard), a.list, a.threads)
         render()
 
 

@@ -240,6 +240,23 @@ def test_an_identical_committed_run_is_reused_not_trained_again(tmp_path, monkey
     assert copy["table"] == "regime" and copy["aa"] == done["aa"] and copy["settings"] == sets
 
 
+def test_shards_deal_out_only_the_runs_to_train(tmp_path, monkeypatch):
+    # the regime's 400-example runs are the lr table's: copied by every shard, the other six split 3 + 3
+    for method, lrs in results.LR_GRID.items():
+        for lr in lrs:
+            _write(tmp_path, _regime_summary("lr", method, lr, 400, 80.0, aa=60.0 if lr == lrs[1] else 50.0))
+    monkeypatch.setattr(results, "ROOT", tmp_path)
+    dealt = {}
+    monkeypatch.setattr(results, "run_table", lambda table, runs, *a: dealt.setdefault(len(dealt), [n for n, _ in runs]))
+    monkeypatch.setattr(results, "render", lambda *a: None)
+    monkeypatch.setattr(results, "chosen_lr", lambda m, root=None: results.LR_GRID[m][1])
+    for k in (0, 1):
+        results.main(["regime", "--shard", f"{k}/2"])
+    copies = ["o1-seq-ft-lr5e-5-n400-s0", "o1-seq-lora-lr3e-4-n400-s0"]
+    assert dealt[0] == copies + ["o1-seq-ft-lr5e-5-n64-s0", "o1-seq-ft-lr5e-5-n256-s0", "o1-seq-lora-lr3e-4-n128-s0"]
+    assert dealt[1] == copies + ["o1-seq-ft-lr5e-5-n128-s0", "o1-seq-lora-lr3e-4-n64-s0", "o1-seq-lora-lr3e-4-n256-s0"]
+
+
 def test_regime_section_renders_the_curve_and_the_choices(tmp_path):
     for method, lrs in results.LR_GRID.items():
         for lr in lrs:
