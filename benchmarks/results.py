@@ -539,7 +539,10 @@ def regime_lines(root: Path = ROOT) -> list[str]:
         rows.append(f"| {r['table']} | {r['settings']['method.name']} | {r['settings']['train.lr']:g} | {n} | "
                     f"{n // r['settings']['train.batch_size']} | {r['aa']:.1f} | {r['bwt']:+.1f} | "
                     f"{_learned(r):.1f} | {_mean_cells(r['r0']):.1f} | {r['wall_time_s']:.0f} |")
-    lines += [settings_line(lr_runs + regime), "", *rows, ""]
+    codes = sorted({str(r.get("code")) for r in lr_runs + regime})
+    lines += [settings_line(lr_runs + regime), f"Code fingerprint of migu's sources (`provenance.code`): "
+              f"{', '.join(codes)}{' — one code version' if len(codes) == 1 else ' — MORE THAN ONE: rerun'}.", "",
+              *rows, ""]
     chosen = {m: chosen_lr(m, root) for m in LR_GRID
               if len([r for r in lr_runs if r["settings"]["method.name"] == m]) == len(LR_GRID[m])}
     if chosen:

@@ -195,7 +195,7 @@ def _regime_summary(table, method, lr, n, diag, aa=50.0):
     k = 4
     matrix = [[diag if j == i else (10.0 if j < i else 0.0) for j in range(k)] for i in range(k)]
     return {"table": table, "run": name, "settings": sets, "aa": aa, "bwt": -5.0, "fwt": 0.0, "forgetting": 5.0,
-            "matrix": matrix, "r0": [0.0] * k, "seed": 0, "lr": lr, "wall_time_s": 60.0, "code_version": "abc",
+            "matrix": matrix, "r0": [0.0] * k, "seed": 0, "lr": lr, "wall_time_s": 60.0, "code_version": "abc", "code": "f00d",
             "machine": None, "threads": 1}
 
 
@@ -264,6 +264,7 @@ def test_regime_section_renders_the_curve_and_the_choices(tmp_path):
         for n, v in zip(results.REGIME_SIZES, (40.0, 60.0, 79.0, 80.0)):
             _write(tmp_path, _regime_summary("regime", method, lrs[1], n, v))
     text = "\n".join(results.regime_lines(tmp_path))
+    assert "(`provenance.code`): f00d — one code version." in text
     assert "Chosen lr: seq-ft 5e-05, seq-lora 0.0003." in text
     assert "Plateau size: **256 training examples per task**." in text
     assert "| regime | seq-ft | 5e-05 | 256 | 32 | 50.0 | -5.0 | 79.0 | 0.0 | 60 |" in text
