@@ -505,24 +505,36 @@ def plot_table(table: str, runs: list[dict]):
     return fig
 
 
+def _regime_frame(runs: list[dict]):
+    """One row per lr/regime run: table, method, lr, n (examples per task), steps, AA, BWT, learned R[i][i], …"""
+    import pandas as pd
+
+    return pd.DataFrame([{"table": r["table"], "method": r["settings"]["method.name"], "lr": r["settings"]["train.lr"],
+                          "n": r["settings"]["data.train_per_task"],
+                          "steps": r["settings"]["data.train_per_task"] // r["settings"]["train.batch_size"],
+                          "AA": r["aa"], "BWT": r["bwt"], "learned R[i][i]": _learned(r),
+                          "untrained": _mean_cells(r["r0"]), "wall s": r["wall_time_s"]} for r in runs],
+                        columns=["table", "method", "lr", "n", "steps", "AA", "BWT", "learned R[i][i]", "untrained",
+                                 "wall s"])
+
+
 def plateau_size(regime: list[dict]) -> int | None:
     """The smallest size whose mean learned R[i][i] is within PLATEAU_GAP of the method's best, max over methods."""
-    sizes = []
-    for method in LR_GRID:
-        curve = {r["settings"]["data.train_per_task"]: _learned(r) for r in regime
-                 if r["settings"]["method.name"] == method}
-        if set(curve) != set(REGIME_SIZES):
-            return None
-        sizes.append(min(n for n, v in curve.items() if v >= max(curve.values()) - PLATEAU_GAP))
-    return max(sizes)
+    f = _regime_frame(regime)
+    if any(set(f[f.method == m].n) != set(REGIME_SIZES) for m in LR_GRID):
+        return None  # not every size measured yet
+    best = f.groupby("method")["learned R[i][i]"].transform("max")
+    return int(f[f["learned R[i][i]"] >= best - PLATEAU_GAP].groupby("method").n.min().max())
 
 
 def regime_lines(root: Path = ROOT) -> list[str]:
     """The lr choice and the learning curves of step 1 of the plateau regime, with their figure."""
+    import seaborn as sns
+
     from migu.report.plots import new_figure, save
 
-    lr_runs = [json.loads(f.read_text()) for f in sorted((root / "results" / "lr").glob("*.json"))]
-    regime = [json.loads(f.read_text()) for f in sorted((root / "results" / "regime").glob("*.json"))]
+    lr_runs, regime = ([json.loads(f.read_text()) for f in sorted((root / "results" / t).glob("*.json"))]
+                       for t in ("lr", "regime"))
     lines = ["## Regime: how many training examples until a task is learned?", "",
              "`python benchmarks/results.py lr` then `python benchmarks/results.py regime` (standard order 1, seed 0, "
              "no MIGU). The lr of each method is the best AA at the largest size; then each task's accuracy right "
@@ -531,41 +543,25 @@ def regime_lines(root: Path = ROOT) -> list[str]:
              ""]
     if not lr_runs:
         return lines + ["Not run yet.", ""]
-    rows = ["| table | method | lr | examples per task | steps per task | AA | BWT | learned R[i][i] | untrained | "
-            "wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(lr_runs + regime, key=lambda r: (r["table"] != "lr", r["settings"]["method.name"],
-                                                     r["settings"]["train.lr"], r["settings"]["data.train_per_task"])):
-        n = r["settings"]["data.train_per_task"]
-        rows.append(f"| {r['table']} | {r['settings']['method.name']} | {r['settings']['train.lr']:g} | {n} | "
-                    f"{n // r['settings']['train.batch_size']} | {r['aa']:.1f} | {r['bwt']:+.1f} | "
-                    f"{_learned(r):.1f} | {_mean_cells(r['r0']):.1f} | {r['wall_time_s']:.0f} |")
+    frame = _regime_frame(lr_runs + regime).sort_values(["table", "method", "lr", "n"], key=lambda c: c.map(
+        lambda v: v != "lr") if c.name == "table" else c)
     codes = sorted({str(r.get("code")) for r in lr_runs + regime})
+    chosen = {m: chosen_lr(m, root) for m in LR_GRID if (frame[frame.table == "lr"].method == m).sum() == len(LR_GRID[m])}
+    size = plateau_size(regime)
     lines += [settings_line(lr_runs + regime), f"Code fingerprint of migu's sources (`provenance.code`): "
               f"{', '.join(codes)}{' — one code version' if len(codes) == 1 else ' — MORE THAN ONE: rerun'}.", "",
-              *rows, ""]
-    chosen = {m: chosen_lr(m, root) for m in LR_GRID
-              if len([r for r in lr_runs if r["settings"]["method.name"] == m]) == len(LR_GRID[m])}
-    if chosen:
-        lines += ["Chosen lr: " + ", ".join(f"{m} {lr:g}" for m, lr in chosen.items()) + ".", ""]
-    size = plateau_size(regime)
-    lines += [f"Plateau size: **{size} training examples per task**." if size else "Plateau size: not yet measured "
-              "(the regime runs are incomplete).", ""]
+              frame.to_markdown(index=False, floatfmt=("", "", "g", "", "", ".1f", "+.1f", ".1f", ".1f", ".0f")), "",
+              *(["Chosen lr: " + ", ".join(f"{m} {lr:g}" for m, lr in chosen.items()) + ".", ""] if chosen else []),
+              f"Plateau size: **{size} training examples per task**." if size else
+              "Plateau size: not yet measured (the regime runs are incomplete).", ""]
     if regime:
         fig = new_figure(12.0, 3.6)
-        for ax, (key, label) in zip(fig.subplots(1, 3), (("diag", "learned R[i][i] (%)"), ("aa", "AA (%)"),
-                                                          ("bwt", "BWT (%)"))):
-            for method in LR_GRID:
-                pts = sorted((r["settings"]["data.train_per_task"], _learned(r) if key == "diag" else r[key])
-                             for r in regime if r["settings"]["method.name"] == method)
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=f"{method} (lr {chosen.get(method, 0):g})")
-            ax.set_xscale("log", base=2)
+        for ax, key in zip(fig.subplots(1, 3), ("learned R[i][i]", "AA", "BWT")):
+            sns.lineplot(frame[frame.table == "regime"], x="n", y=key, hue="method", marker="o", ax=ax)
+            ax.set(xscale="log", xlabel="training examples per task", ylabel=f"{key} (%)")
             ax.set_xticks(REGIME_SIZES, [str(n) for n in REGIME_SIZES])
-            ax.set_xlabel("training examples per task")
-            ax.set_ylabel(label)
             ax.grid(alpha=0.3)
-        fig.axes[0].legend(fontsize=8)
-        fig.suptitle("Regime: standard order 1, seed 0, no MIGU", fontsize=11)
+        fig.suptitle("Regime: standard order 1, seed 0, no MIGU, each method at its chosen lr", fontsize=11)
         image = save(fig, root / "docs" / "images" / "results_regime.png")
         lines += [f"![regime](images/{image.name})", ""]
     return lines
