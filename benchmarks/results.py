@@ -56,19 +56,20 @@ LR = {"seq-ft": 5e-5, "replay": 5e-5, "seq-lora": 1e-3, "o-lora": 1e-3, "inc-lor
 SEEDS = {"table1": (0, 1, 2), "table2": (0,), "table3": (0, 1, 2)}
 
 
-def _runs(methods, orders, seeds, benchmark, thresholds=(None, 0.7), extra=None):
+def _runs(methods, orders, seeds, benchmark, thresholds=(None, 0.7), extra=None, base=None, lrs=None, variant=None):
+    """(name, settings) of a grid; `base`/`lrs` default to the 8-step SETTINGS/LR; `variant` = (tag, MIGU options)."""
     # seed-major, then order: a table stopped part-way holds whole seeds (every condition once) first
     runs = []
     for seed in seeds:
         for order in orders:
             for method in methods:
                 for t in thresholds:
-                    tag = "base" if t is None else f"migu{t}"
-                    sets = {**SETTINGS, **(extra or {}), "data.benchmark": benchmark, "data.order": order,
-                            "method.name": method, "train.lr": LR[method], "seed": seed,
+                    tag = "base" if t is None else f"migu{t}" + (f"-{variant[0]}" if variant else "")
+                    sets = {**(base or SETTINGS), **(extra or {}), "data.benchmark": benchmark, "data.order": order,
+                            "method.name": method, "train.lr": (lrs or LR)[method], "seed": seed,
                             "migu.enabled": t is not None}
                     if t is not None:
-                        sets["migu.threshold"] = t
+                        sets.update({"migu.threshold": t, **(variant[1] if variant else {})})
                     runs.append((f"o{order}-{method}-{tag}-s{seed}", sets))
     return runs
 
@@ -108,8 +109,44 @@ def chosen_lr(method: str, root: Path = ROOT) -> float:
     return max(runs, key=lambda r: (r["aa"], _learned(r) or 0.0))["settings"]["train.lr"]
 
 
+def plateau_grid(root: Path | None = None) -> tuple[dict, dict]:
+    """Settings and lrs of steps 2–5: the regime's plateau size; full FT methods at seq-ft's lr, LoRA ones at seq-lora's."""
+    root = root or ROOT
+    size = plateau_size([json.loads(f.read_text()) for f in sorted((root / "results" / "regime").glob("*.json"))])
+    if size is None:
+        raise SystemExit("error: results/regime is incomplete: run `python benchmarks/results.py regime` first")
+    ft, lora = chosen_lr("seq-ft", root), chosen_lr("seq-lora", root)
+    return {**PLATEAU, "data.train_per_task": size}, {m: lora if "lora" in m else ft for m in LR}
+
+
+# one condition changed at a time from the defaults (first task skip, head out, all tokens, B by layer output)
+ABLATIONS = {"seq-ft": [("mask", {"migu.first_task": "mask"}), ("head", {"migu.include_lm_head": True}),
+                        ("answer", {"migu.tokens": "answer"})],
+             "seq-lora": [("own", {"migu.lora_b": "own"})]}
+# the 15-task benchmark at the plateau size would take hours a run: 16 steps per task, diagonal evaluation
+LONG_PLATEAU = {"data.train_per_task": 128, "eval.matrix": "diagonal"}
+
+
+def _plateau_tables(a, name: str) -> list:
+    base, lrs = plateau_grid()
+    seeds = a.seeds or (0, 1, 2)
+    if name == "plateau1":  # Table 1 anew: order 1 with replay and O-LoRA, orders 2 and 3 with the sequential two
+        return (_runs(["seq-ft", "seq-lora", "replay", "o-lora"], [1], seeds, "standard", base=base, lrs=lrs)
+                + _runs(["seq-ft", "seq-lora"], [2, 3], seeds, "standard", base=base, lrs=lrs))
+    if name == "ablation":  # the base and T=0.7 runs are plateau1's (copied)
+        runs = _runs(["seq-ft"], [1], seeds, "standard", thresholds=(None, 0.3, 0.5, 0.7, 0.9), base=base, lrs=lrs)
+        runs += _runs(["seq-lora"], [1], seeds, "standard", base=base, lrs=lrs)
+        for method, variants in ABLATIONS.items():
+            for variant in variants:
+                runs += _runs([method], [1], seeds, "standard", thresholds=(0.7,), base=base, lrs=lrs, variant=variant)
+        return runs
+    return _runs(["seq-ft", "seq-lora"], [4], a.seeds or (0,), "long", extra=LONG_PLATEAU, base=base, lrs=lrs)
+
+
 TABLES["lr"] = lambda a: [_plateau_run(m, max(REGIME_SIZES), lr) for m in LR_GRID for lr in LR_GRID[m]]
 TABLES["regime"] = lambda a: [_plateau_run(m, n, chosen_lr(m)) for m in LR_GRID for n in REGIME_SIZES]
+for _name in ("plateau1", "ablation", "plateau_long"):
+    TABLES[_name] = lambda a, name=_name: _plateau_tables(a, name)
 
 
 def _version() -> str:

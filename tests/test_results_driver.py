@@ -270,3 +270,32 @@ def test_regime_section_renders_the_curve_and_the_choices(tmp_path):
     assert "Plateau size: **256 training examples per task**." in text
     assert "| regime | seq-ft | 5e-05 | 256 | 32 | 50.0 | -5.0 | 79.0 | 0.0 | 60 |" in re.sub(r" +", " ", text)
     assert (tmp_path / "docs" / "images" / "results_regime.png").stat().st_size > 0
+
+
+def test_plateau_tables_use_the_regime_size_and_the_chosen_lrs(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="results/regime is incomplete"):
+        results.plateau_grid(tmp_path)
+    for method, lrs in results.LR_GRID.items():
+        for lr in lrs:
+            _write(tmp_path, _regime_summary("lr", method, lr, 400, 80.0, aa=60.0 if lr == lrs[1] else 50.0))
+        for n, v in zip(results.REGIME_SIZES, (40.0, 60.0, 79.0, 80.0)):
+            _write(tmp_path, _regime_summary("regime", method, lrs[1], n, v))
+    monkeypatch.setattr(results, "ROOT", tmp_path)
+    table1 = results.TABLES["plateau1"](_Args())
+    assert len(table1) == 4 * 2 * 3 + 2 * 2 * 2 * 3
+    assert {s["data.train_per_task"] for _, s in table1} == {256} and {s["data.test_per_task"] for _, s in table1} == {100}
+    lr = {s["method.name"]: s["train.lr"] for _, s in table1}
+    assert lr == {"seq-ft": 5e-5, "replay": 5e-5, "seq-lora": 3e-4, "o-lora": 3e-4}
+    assert {s["data.order"] for _, s in table1 if s["method.name"] == "replay"} == {1}
+    ablation = dict(results.TABLES["ablation"](_Args()))
+    assert ablation["o1-seq-ft-migu0.7-mask-s2"] == {**ablation["o1-seq-ft-migu0.7-s2"], "migu.first_task": "mask"}
+    assert ablation["o1-seq-lora-migu0.7-own-s0"]["migu.lora_b"] == "own"
+    assert ablation["o1-seq-ft-migu0.9-s1"]["migu.threshold"] == 0.9
+    shared = [n for n in ablation if n in dict(table1)]  # copied from Table 1, not trained twice
+    assert sorted(shared) == sorted(f"o1-{m}-{t}-s{s}" for m in ("seq-ft", "seq-lora") for t in ("base", "migu0.7")
+                                    for s in (0, 1, 2))
+    assert all(ablation[n] == dict(table1)[n] for n in shared)
+    long = results.TABLES["plateau_long"](_Args())
+    assert [n for n, _ in long] == ["o4-seq-ft-base-s0", "o4-seq-ft-migu0.7-s0", "o4-seq-lora-base-s0",
+                                    "o4-seq-lora-migu0.7-s0"]
+    assert all(s["eval.matrix"] == "diagonal" and s["data.train_per_task"] == 128 for _, s in long)
