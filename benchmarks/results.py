@@ -588,6 +588,7 @@ def regime_lines(root: Path = ROOT) -> list[str]:
     lines += [settings_line(lr_runs + regime), f"Code fingerprint of migu's sources (`provenance.code`): "
               f"{', '.join(codes)}{' — one code version' if len(codes) == 1 else ' — MORE THAN ONE: rerun'}.", "",
               frame.to_markdown(index=False, floatfmt=("", "", "g", "", "", ".1f", "+.1f", ".1f", ".1f", ".0f")), "",
+              *[f"- `{r['table']}/{r['run']}`: {r['note']}" for r in lr_runs + regime if r.get("note")], "",
               *(["Chosen lr: " + ", ".join(f"{m} {lr:g}" for m, lr in chosen.items()) + ".", ""] if chosen else []),
               f"Plateau size: **{size} training examples per task**." if size else
               "Plateau size: not yet measured (the regime runs are incomplete).", ""]
@@ -615,7 +616,9 @@ def render(root: Path = ROOT) -> Path:
              "embedded SmolLM2-135M-Instruct. Accuracies in percent (exact match of the generated answer);",
              "cells are mean ± sample standard deviation over seeds. `learned R[i][i]`: mean accuracy on each",
              "task right after training it; `untrained`: mean accuracy before any training.", "",
-             *regime_lines(root), WHY, ""]
+             *regime_lines(root), "## The earlier tables: 8 steps per task", "",
+             "Made before the first task was left unmasked and before bf16 and shared-prefix evaluation; the plateau "
+             "tables above replace them as they are run.", "", WHY, ""]
     for table, title in TITLES.items():
         runs = results[table]
         lines += [f"## {title}", "", f"`python benchmarks/results.py {table}`", ""]
