@@ -100,9 +100,14 @@ def _plateau_run(method: str, n: int, lr: float, seed: int = 0, order: int = 1) 
     return f"o{order}-{method}-lr{lr:.0e}-n{n}-s{seed}".replace("e-0", "e-"), sets
 
 
+def table_runs(table: str, root: Path = ROOT) -> list[dict]:
+    """The committed summaries of a table, root/results/<table>/*.json, in file-name order."""
+    return [json.loads(f.read_text()) for f in sorted((root / "results" / table).glob("*.json"))]
+
+
 def chosen_lr(method: str, root: Path = ROOT) -> float:
     """The lr of the `lr` table's best AA for `method` (ties: the higher learned R[i][i]); fixed once committed."""
-    runs = [json.loads(f.read_text()) for f in sorted((root / "results" / "lr").glob(f"o1-{method}-lr*.json"))]
+    runs = [r for r in table_runs("lr", root) if r["settings"]["method.name"] == method]
     if len(runs) < len(LR_GRID[method]):
         raise SystemExit(f"error: results/lr holds {len(runs)} of {len(LR_GRID[method])} {method} runs: "
                          "run `python benchmarks/results.py lr` first")
@@ -112,7 +117,7 @@ def chosen_lr(method: str, root: Path = ROOT) -> float:
 def plateau_grid(root: Path | None = None) -> tuple[dict, dict]:
     """Settings and lrs of steps 2–5: the regime's plateau size; full FT methods at seq-ft's lr, LoRA ones at seq-lora's."""
     root = root or ROOT
-    size = plateau_size([json.loads(f.read_text()) for f in sorted((root / "results" / "regime").glob("*.json"))])
+    size = plateau_size(table_runs("regime", root))
     if size is None:
         raise SystemExit("error: results/regime is incomplete: run `python benchmarks/results.py regime` first")
     ft, lora = chosen_lr("seq-ft", root), chosen_lr("seq-lora", root)
@@ -398,7 +403,7 @@ def _learned(r: dict) -> float | None:
 
 def load_results(root: Path = ROOT) -> dict[str, list[dict]]:
     """{table: [run summary, ...]} from root/results/<table>/*.json (table1–3)."""
-    return {t: [json.loads(f.read_text()) for f in sorted((root / "results" / t).glob("*.json"))] for t in TITLES}
+    return {t: table_runs(t, root) for t in TITLES}
 
 
 def _groups(runs) -> list[tuple[tuple, list[dict]]]:
@@ -570,8 +575,7 @@ def regime_lines(root: Path = ROOT) -> list[str]:
 
     from migu.report.plots import new_figure, save
 
-    lr_runs, regime = ([json.loads(f.read_text()) for f in sorted((root / "results" / t).glob("*.json"))]
-                       for t in ("lr", "regime"))
+    lr_runs, regime = table_runs("lr", root), table_runs("regime", root)
     lines = ["## Regime: how many training examples until a task is learned?", "",
              "`python benchmarks/results.py lr` then `python benchmarks/results.py regime` (standard order 1, seed 0, "
              "no MIGU). The lr of each method is the best AA at the largest size; then each task's accuracy right "
