@@ -79,7 +79,8 @@ def test_render_groups_seeds_and_pairs_migu_with_base(tmp_path):
            f"60.0 ± 0.0 | 1.0 ± 0.0 | 105 |" in text
     assert "| 1 | seq-lora | 0.7 | 0.001 | 0,1 | 46.5 ± 2.1 | -5.0 ± 1.4 |" in text
     # paired deltas: AA +5, −2 → +1.5 ± 4.9; BWT +6, +14 → +10.0 ± 5.7; MIGU higher in 1 of 2
-    assert "MIGU − no MIGU, paired by seed" in text and "| 1 | seq-lora | 0.7 | 2 | +1.5 ± 4.9 | +10.0 ± 5.7 | 1/2 |" in text
+    assert "MIGU − no MIGU, paired by seed" in text
+    assert "| 1 | seq-lora | 0.7 | 2 | +1.5 ± 4.9 | +10.0 ± 5.7 | +0.0 ± 0.0 | 1/2 |" in text
     assert "`data.train_per_task=64`" in text and "`seed=" not in text and "code versions: abc1234" in text
     assert "| table1 | 1 | seq-lora | 1 | 2 / 2 | 105 | 110 | ×1.05 |" in text
     assert "Table 2" in text and "Not run yet." in text
@@ -104,36 +105,119 @@ def test_threshold_ablation_figure(tmp_path):
     assert stats[1]["aa_std"] is None  # one seed: no spread, not zero
     # no run without MIGU: T = 0 (plain training) is the reference, paired by seed (seed 0 only for T = 0.7)
     text = results.render(tmp_path).read_text()
-    assert "MIGU − T = 0, paired by seed" in text and "| 1 | seq-ft | 0.7 | 1 | -10.0 | +0.0 | 0/1 |" in text
+    assert "MIGU − T = 0, paired by seed" in text and "| 1 | seq-ft | 0.7 | 1 | -10.0 | +0.0 | +0.0 | 0/1 |" in text
     fig = results.plot_table("table3", [json.loads(f.read_text()) for f in out.glob("*.json")])
     assert [len(ax.lines) > 0 for ax in fig.axes] == [True, True, True]
     assert "1/2 seed(s)" in fig.get_suptitle()
 
 
-def test_evidence_measures_the_base_and_final_models(tmp_path, tiny_llama_dir):
+def _committed(root, table, name, settings):
+    path = root / "results" / table / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"table": table, "run": name, "settings": settings}))
+
+
+def test_evidence_measures_the_base_and_final_models_over_all_and_answer_tokens(tmp_path, tiny_llama_dir):
     from migu.train import run
     from tests.runner_helpers import tiny_config, write_stream
 
     stream = write_stream(tmp_path / "data")
-    for name, migu in zip(results.EVIDENCE_RUNS, (False, True)):
-        run(tiny_config(tiny_llama_dir, stream, tmp_path / "runs" / "results" / "table1" / name,
-                        **{"migu.enabled": migu}), quiet=True)
+    table, (base_name, migu_name) = results.EVIDENCE
+    # the base run was copied from the regime table (trained there); the MIGU run was trained in its own table
+    _committed(tmp_path, "regime", "o1-seq-ft-lr1e-5-n64-s0", {"x": 1})
+    _committed(tmp_path, table, base_name, {"x": 1})
+    _committed(tmp_path, table, migu_name, {"x": 2})
+    run(tiny_config(tiny_llama_dir, stream, tmp_path / "runs" / "results" / "regime" / "o1-seq-ft-lr1e-5-n64-s0"),
+        quiet=True)
+    run(tiny_config(tiny_llama_dir, stream, tmp_path / "runs" / "results" / table / migu_name,
+                    **{"migu.enabled": True}), quiet=True)
+    assert results.trained_run_dir(table, base_name, tmp_path).parent.name == "regime"
     e = json.loads(results.evidence(n=6, root=tmp_path).read_text())
-    assert list(e["models"]) == ["untrained", *results.EVIDENCE_RUNS]
-    for m in e["models"].values():
-        k = len(m["tasks"])
-        assert m["tasks"] == ["colors", "animals", "moods"] and m["layers"] == 2 * 7  # 2 blocks × q,k,v,o,gate,up,down
-        assert all(m["cosine"][i][i] == pytest.approx(1.0) for i in range(k))
-        assert all(0.0 < m["cosine"][i][j] <= 1.0 for i in range(k) for j in range(k))
-        assert all(0.0 <= v <= 1.0 for v in m["kept_overlap"].values()) and len(m["kept_overlap"]) == 3
-        assert 0.2 < m["chance_overlap"] < 0.4  # ≈ 1 − T = 0.3 for layers of a few dozen units
+    assert list(e["models"]) == ["untrained", base_name, migu_name] and e["tokens"] == ["all", "answer"]
+    for by_tokens in e["models"].values():
+        for m in by_tokens.values():
+            k = len(m["tasks"])
+            assert m["tasks"] == ["colors", "animals", "moods"] and m["layers"] == 2 * 7  # 2 blocks × 7 linears
+            assert all(m["cosine"][i][i] == pytest.approx(1.0) for i in range(k))
+            assert all(0.0 < m["cosine"][i][j] <= 1.0 for i in range(k) for j in range(k))
+            assert all(0.0 <= v <= 1.0 for v in m["kept_overlap"].values()) and len(m["kept_overlap"]) == 3
+            assert 0.2 < m["chance_overlap"] < 0.4  # ≈ 1 − T = 0.3 for layers of a few dozen units
+        # the answer positions are a few of each prompt's tokens: their statistics are not the whole prompt's
+        assert by_tokens["all"]["cosine"] != by_tokens["answer"]["cosine"]
     # training changed the model, so the final model's magnitudes differ from the base model's
-    assert e["models"]["untrained"]["cosine"] != e["models"][results.EVIDENCE_RUNS[1]]["cosine"]
-    text = results.render(tmp_path).read_text()
-    assert "| untrained | " in text and f"| {results.EVIDENCE_RUNS[0]} | " in text
-    missing = tmp_path / "other"
-    with pytest.raises(SystemExit, match="not finished"):
-        results.evidence(n=6, root=missing)
+    assert e["models"]["untrained"]["all"]["cosine"] != e["models"][migu_name]["all"]["cosine"]
+    text = "\n".join(results.evidence_lines(tmp_path))
+    assert "| untrained | all | " in text and f"| {migu_name} | answer | " in text
+    with pytest.raises(SystemExit, match="not run yet"):
+        results.evidence(n=6, root=tmp_path / "other")
+    (tmp_path / "runs" / "results" / table / migu_name / "summary.json").unlink()
+    with pytest.raises(SystemExit, match="directory is not here"):
+        results.trained_run_dir(table, migu_name, tmp_path)
+
+
+def test_answer_token_magnitudes_are_the_mean_over_answer_positions(tmp_path, tiny_llama_dir):
+    import torch
+
+    from migu.checkpoint import load_trained
+    from migu.magnitudes import task_batches
+    from migu.masking import answer_positions
+    from migu.scenarios import get_scenario
+    from migu.train import run
+    from tests.runner_helpers import tiny_config, write_stream
+
+    run_dir = tmp_path / "run"
+    run(tiny_config(tiny_llama_dir, write_stream(tmp_path / "data"), run_dir), quiet=True)
+    mags = results.measure_magnitudes(run_dir, n=6)
+    # by hand: |output| of one layer summed over the answer positions of every batch, L1-normalised
+    model, tokenizer, cfg, _, _ = load_trained(run_dir)
+    scenario = get_scenario(cfg)
+    task = scenario.load_tasks()[1]
+    scenario.prepare(tokenizer)
+    layer = "model.layers.1.mlp.down_proj"
+    seen = []
+    handle = model.get_submodule(layer).register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    total = 0
+    model.eval()
+    with torch.no_grad():
+        for batch in task_batches(tokenizer, task.train[:6], cfg.data.max_length, 8, cfg.seed,
+                                  encoder=lambda ex: scenario.encode(tokenizer, ex)):
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            total = total + (seen.pop().abs() * answer_positions(batch["labels"])[..., None]).sum((0, 1))
+    handle.remove()
+    torch.testing.assert_close(mags["answer"][task.name][layer], total / total.sum(), rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(mags["all"][task.name][layer], mags["answer"][task.name][layer], atol=1e-4)
+
+
+def test_ablation_rows_are_conditions_with_their_variant_paired_with_the_base(tmp_path, monkeypatch):
+    rows = [("seq-ft", False, {}, 0, 50.0, -10.0, 70.0), ("seq-ft", False, {}, 1, 54.0, -12.0, 72.0),
+            ("seq-ft", True, {}, 0, 52.0, -6.0, 68.0), ("seq-ft", True, {}, 1, 55.0, -5.0, 70.0),
+            ("seq-ft", True, {"migu.first_task": "mask"}, 0, 40.0, -4.0, 60.0),
+            ("seq-ft", True, {"migu.first_task": "mask"}, 1, 46.0, -2.0, 62.0)]
+    runs = []
+    for method, migu, variant, seed, aa, bwt, diag in rows:
+        r = _summary(method, migu, seed, aa, bwt, 10.0)
+        r["settings"].update(variant)
+        r["matrix"] = [[diag, 0.0], [0.0, diag]]
+        runs.append(r)
+    assert [c for c, _ in results._groups(runs)] == [(1, "seq-ft", None, ""), (1, "seq-ft", 0.7, ""),
+                                                    (1, "seq-ft", 0.7, "first_task=mask")]
+    text = "\n".join(results.delta_lines(runs))
+    # default MIGU: ΔAA +2, +1; ΔBWT +4, +7; Δlearned −2, −2.  mask: ΔAA −10, −8; ΔBWT +6, +10; Δlearned −10, −10
+    assert "| 1 | seq-ft | 0.7 | 2 | +1.5 ± 0.7 | +5.5 ± 2.1 | -2.0 ± 0.0 | 2/2 |" in text
+    assert "| 1 | seq-ft | 0.7 (first_task=mask) | 2 | -9.0 ± 1.4 | +8.0 ± 2.8 | -10.0 ± 0.0 | 0/2 |" in text
+    assert "| 1 | seq-ft | 0.7 (first_task=mask) | 0.001 | 0,1 | 43.0 ± 4.2 | -3.0 ± 1.4 |" in "\n".join(results.table_lines(runs))
+    fig = results.plot_deltas(runs, "Ablation")
+    assert [ax.get_xlabel().split(" (")[0] for ax in fig.axes] == ["Δ AA", "Δ BWT", "Δ learned R[i][i]"]
+    # a partial table says how much of its grid has run
+    for r in runs:
+        r["table"], r["run"] = "ablation", f"o1-{r['settings']['method.name']}-{r['seed']}-{len(r['settings'])}"
+        _write(tmp_path, r)
+    monkeypatch.setattr(results, "_grid", lambda table, root: [r["run"] for r in runs] + ["o1-x"] if table ==
+                        "ablation" else None)
+    text = "\n".join(results.plateau_lines(tmp_path))
+    assert "**6 of 7 runs done; the rows below are partial** (to run: o1-x)." in text
+    assert "(images/results_ablation.png)" in text and (tmp_path / "docs" / "images" / "results_ablation.png").exists()
+    assert "## Table 1 anew" in text and "Not run yet (it needs the regime's plateau size first)." in text
 
 
 def test_reproduce_compares_a_rerun_cell_by_cell(tmp_path, tiny_llama_dir):
