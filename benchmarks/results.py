@@ -236,8 +236,10 @@ def run_table(table: str, runs, list_only: bool, threads: int | None = None, roo
         print(f"done   {table}/{name}: AA {summary['aa']:.1f} BWT {summary.get('bwt')}", flush=True)
 
 
-# The cheapest default-thread run of each table's oldest code version: rerun with today's code and machine
-REPRODUCE = ("table1/o1-seq-lora-base-s0", "table2/o4-seq-lora-base-s0", "table3/o1-seq-ft-migu0.0-s0")
+# The cheapest default-thread run of each table's oldest code version: rerun with today's code and machine;
+# and a plateau run made on an AMD EPYC (AVX512-bf16) rerun on an Intel Xeon (AMX): the plateau tables mix both
+REPRODUCE = ("table1/o1-seq-lora-base-s0", "table2/o4-seq-lora-base-s0", "table3/o1-seq-ft-migu0.0-s0",
+             "lr/o1-seq-ft-lr1e-5-n400-s0")
 
 
 def reproduce(specs=REPRODUCE, root: Path = ROOT) -> list[Path]:
@@ -805,7 +807,8 @@ def render(root: Path = ROOT) -> Path:
               "`python benchmarks/results.py reproduce` reruns the cheapest run of each table's oldest code "
               "version with the current code and compares the accuracy matrix cell by cell (one test example "
               f"is {100 / SETTINGS['data.test_per_task']:g} points of a cell in tables 1 and 3, "
-              f"{100 / LONG['data.test_per_task']:g} in table 2):", "", *reproduce_lines(root)]
+              f"{100 / LONG['data.test_per_task']:g} in table 2, {100 / PLATEAU['data.test_per_task']:g} in the "
+              "plateau tables):", "", *reproduce_lines(root)]
     lines += ["## Table 4 — cost", "",
               "`python benchmarks/overhead.py` (step time) and the wall times of the runs above.", ""]
     over = root / "results" / "overhead" / "overhead.json"
