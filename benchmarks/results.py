@@ -308,21 +308,34 @@ EVIDENCE = ("plateau1", ("o1-seq-ft-base-s0", "o1-seq-ft-migu0.7-s0"))
 TOKENS = ("all", "answer")  # MIGU's statistics over every real token (the default) or only the answer positions
 
 
-def trained_run_dir(table: str, name: str, root: Path = ROOT) -> Path:
-    """The run directory a committed run was trained in: its own, or that of the run it was copied from.
+def trained_run_dir(table: str, name: str, root: Path = ROOT, train: bool = False) -> tuple[Path, dict | None]:
+    """The run directory holding a committed run's final model, and how a retrain compared (None if not retrained).
 
-    Run directories are not committed: a model can be measured only on the machine (session) that trained it.
+    Its own directory, that of the run it was copied from, or a `reproduce` rerun of either. Run directories
+    are not committed, so in another session none is here: with `train` the run is trained again into its own
+    directory (resumable) and its matrix compared cell by cell with the committed one.
     """
     summary = root / "results" / table / f"{name}.json"
     if not summary.is_file():
         raise SystemExit(f"error: {summary}: not run yet (run `python benchmarks/results.py {table}` first)")
+    committed = json.loads(summary.read_text())
     own = root / "runs" / "results" / table / name
-    source = _same_settings(json.loads(summary.read_text())["settings"], root, table)
-    for run_dir in (own, *([root / "runs" / "results" / source.parent.name / source.stem] if source else [])):
-        if (run_dir / "summary.json").is_file():
-            return run_dir
-    raise SystemExit(f"error: {own}: the run's directory is not here (not finished, or trained in another session: "
-                     "run directories are not committed)")
+    source = _same_settings(committed["settings"], root, table)
+    runs = [(table, name), *([(source.parent.name, source.stem)] if source else [])]
+    candidates = [root / "runs" / "results" / t / n for t, n in runs]
+    candidates += [root / "runs" / "results" / "reproduce" / t / n for t, n in runs]
+    run_dir = next((d for d in candidates if (d / "summary.json").is_file()), None)
+    if run_dir is None and not train:
+        raise SystemExit(f"error: {own}: the run's directory is not here (not finished, or trained in another "
+                         "session: run directories are not committed)")
+    if run_dir is None:
+        _run_one(table, name, committed["settings"], own, committed.get("threads"))
+        run_dir = own
+    trained = json.loads((run_dir / "summary.json").read_text())
+    if trained.get("wall_time_s") == committed.get("wall_time_s"):  # the committed run itself
+        return run_dir, None
+    return run_dir, {"run_dir": run_dir.relative_to(root).as_posix(), "code_version": _short(trained["git_commit"]),
+                     "machine": trained["machine"], **compare_cells(committed, trained)}
 
 
 def measure_magnitudes(run_dir: Path, n: int, base: bool = False) -> dict[str, dict[str, dict]]:
@@ -386,8 +399,10 @@ def evidence(n: int = 32, root: Path = ROOT, spec=EVIDENCE) -> Path:
     from migu.provenance import provenance
 
     table, names = spec
-    dirs = {name: trained_run_dir(table, name, root) for name in names}
+    found = {name: trained_run_dir(table, name, root, train=True) for name in names}
+    dirs = {name: d for name, (d, _) in found.items()}
     out = {"table": table, "n_examples": n, "threshold": 0.7, "tokens": list(TOKENS), "models": {},
+           "retrained": {name: r for name, (_, r) in found.items() if r is not None},
            "code_version": _version(), "code": provenance()["code"]}
     for label, run_dir, base in (("untrained", dirs[names[0]], True), *((name, d, False) for name, d in dirs.items())):
         mags = measure_magnitudes(run_dir, n, base=base)
@@ -422,7 +437,13 @@ def evidence_lines(root: Path = ROOT) -> list[str]:
             ov = list(m["kept_overlap"].values())
             lines.append(f"| {label} | {tokens} | {min(cos):.3f}–{max(cos):.3f} | {min(cen):.2f}–{max(cen):.2f} | "
                          f"{min(ov):.2f}–{max(ov):.2f} | {m['chance_overlap']:.2f} |")
-    return lines + [""]
+    lines.append("")
+    for name, r in e.get("retrained", {}).items():  # run directories stay on the machine that trained them
+        lines.append(f"`{name}` was trained in another session, so it was trained again for this measurement "
+                     f"(code {r['code_version']}, {_machine(r['machine'])}): its accuracy matrix equals the committed "
+                     f"run's in {r['cells'] - r['cells_differing']} of {r['cells']} cells (largest change "
+                     f"{r['max_abs_cell_diff']:.1f} points).")
+    return lines + ([""] if e.get("retrained") else [])
 
 
 def _fmt(values, signed: bool = False):

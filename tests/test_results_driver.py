@@ -131,9 +131,15 @@ def test_evidence_measures_the_base_and_final_models_over_all_and_answer_tokens(
         quiet=True)
     run(tiny_config(tiny_llama_dir, stream, tmp_path / "runs" / "results" / table / migu_name,
                     **{"migu.enabled": True}), quiet=True)
-    assert results.trained_run_dir(table, base_name, tmp_path).parent.name == "regime"
+    for t, name, src in (("regime", "o1-seq-ft-lr1e-5-n64-s0", "regime/o1-seq-ft-lr1e-5-n64-s0"),
+                         (table, base_name, "regime/o1-seq-ft-lr1e-5-n64-s0"), (table, migu_name, f"{table}/{migu_name}")):
+        path = tmp_path / "results" / t / f"{name}.json"  # what run_table commits: the run's summary + settings
+        trained = json.loads((tmp_path / "runs" / "results" / src / "summary.json").read_text())
+        path.write_text(json.dumps({**trained, **json.loads(path.read_text())}))
+    assert results.trained_run_dir(table, base_name, tmp_path)[0].parent.name == "regime"
     e = json.loads(results.evidence(n=6, root=tmp_path).read_text())
     assert list(e["models"]) == ["untrained", base_name, migu_name] and e["tokens"] == ["all", "answer"]
+    assert e["retrained"] == {}  # both models are the committed runs themselves
     for by_tokens in e["models"].values():
         for m in by_tokens.values():
             k = len(m["tasks"])
@@ -153,6 +159,33 @@ def test_evidence_measures_the_base_and_final_models_over_all_and_answer_tokens(
     (tmp_path / "runs" / "results" / table / migu_name / "summary.json").unlink()
     with pytest.raises(SystemExit, match="directory is not here"):
         results.trained_run_dir(table, migu_name, tmp_path)
+
+
+def test_evidence_trains_again_a_model_whose_run_directory_is_gone(tmp_path, tiny_llama_dir):
+    import shutil
+
+    from tests.runner_helpers import tiny_overrides, write_stream
+
+    stream = write_stream(tmp_path / "data")
+    sets = dict(item.split("=", 1) for item in tiny_overrides(tiny_llama_dir, stream, "unused"))
+    del sets["output_dir"]
+    results.run_table("regime", [("tiny-s0", sets)], False, root=tmp_path)
+    results.run_table("plateau1", [("tiny-copy", sets)], False, root=tmp_path)  # copied, not trained
+    assert not (tmp_path / "runs" / "results" / "plateau1").exists()
+    assert results.trained_run_dir("plateau1", "tiny-copy", tmp_path) == (
+        tmp_path / "runs" / "results" / "regime" / "tiny-s0", None)
+    shutil.rmtree(tmp_path / "runs")  # another session: run directories are not committed
+    with pytest.raises(SystemExit, match="directory is not here"):
+        results.trained_run_dir("plateau1", "tiny-copy", tmp_path)
+    e = json.loads(results.evidence(n=4, root=tmp_path, spec=("plateau1", ("tiny-copy",))).read_text())
+    r = e["retrained"]["tiny-copy"]
+    assert r["run_dir"] == "runs/results/plateau1/tiny-copy" and (tmp_path / r["run_dir"] / "summary.json").is_file()
+    assert (r["cells"], r["cells_differing"], r["max_abs_cell_diff"]) == (12, 0, 0.0)  # deterministic retrain
+    assert list(e["models"]) == ["untrained", "tiny-copy"]
+    # a later call finds the retrained directory and still reports it as a retrain, not as the committed run
+    assert results.trained_run_dir("plateau1", "tiny-copy", tmp_path)[1] == r
+    text = "\n".join(results.evidence_lines(tmp_path))
+    assert "`tiny-copy` was trained in another session" in text and "in 12 of 12 cells (largest change 0.0" in text
 
 
 def test_answer_token_magnitudes_are_the_mean_over_answer_positions(tmp_path, tiny_llama_dir):
