@@ -387,6 +387,21 @@ def test_regime_section_renders_the_curve_and_the_choices(tmp_path):
     assert "Plateau size: **256 training examples per task**." in text
     assert "| regime | seq-ft | 5e-05 | 256 | 32 | 50.0 | -5.0 | 79.0 | 0.0 | 60 |" in re.sub(r" +", " ", text)
     assert (tmp_path / "docs" / "images" / "results_regime.png").stat().st_size > 0
+    assert "has not flattened" not in text  # 256 is within the gap of 400: nothing to explain
+
+
+def test_a_curve_still_rising_at_the_largest_size_is_said_so(tmp_path):
+    for method, lrs in results.LR_GRID.items():
+        # the chosen (best AA) lr is the middle one; LoRA's largest lr learned more than it
+        for lr, learned in zip(lrs, (70.0, 72.5, 69.0) if method == "seq-ft" else (70.0, 68.0, 74.0)):
+            _write(tmp_path, _regime_summary("lr", method, lr, 400, learned, aa=60.0 if lr == lrs[1] else 50.0))
+        for n, v in zip(results.REGIME_SIZES, (40.0, 50.0, 60.0, 72.5 if method == "seq-ft" else 61.0)):
+            _write(tmp_path, _regime_summary("regime", method, lrs[1], n, v))
+    text = "\n".join(results.regime_lines(tmp_path))
+    assert "Plateau size: **400 training examples per task**." in text
+    assert ("From 256 to 400 examples learned R[i][i] rose +12.5 (seq-ft), +1.0 (seq-lora): the curve has not "
+            "flattened." in text and "train at that size, not at a measured plateau." in text)
+    assert "seq-ft learned the most at its chosen lr; seq-lora +6.0 at a larger lr." in text
 
 
 def test_plateau_tables_use_the_regime_size_and_the_chosen_lrs(tmp_path, monkeypatch):
