@@ -693,7 +693,7 @@ def plateau_size(regime: list[dict]) -> int | None:
     return int(f[f["learned R[i][i]"] >= best - PLATEAU_GAP].groupby("method").n.min().max())
 
 
-def _still_rising(frame, chosen: dict) -> str:
+def _still_rising(frame, chosen: dict) -> str | None:
     """What the largest size means when the curve has not flattened there: the data's limit, and the lr check."""
     top, prev = REGIME_SIZES[-1], REGIME_SIZES[-2]
     curve = frame[frame.table == "regime"].set_index(["method", "n"])["learned R[i][i]"]
@@ -704,12 +704,13 @@ def _still_rising(frame, chosen: dict) -> str:
         runs = at_top[at_top.method == m]
         gain = runs["learned R[i][i]"].max() - runs[runs.lr == lr]["learned R[i][i]"].iloc[0]
         gains.append(f"{m} {'learned the most at its chosen lr' if gain <= 0 else f'+{gain:.1f} at a larger lr'}")
-    flat = all(r <= PLATEAU_GAP for r in rise.values())
+    if all(r <= PLATEAU_GAP for r in rise.values()):
+        return None  # a plateau after all: nothing to explain
     return (f"From {prev} to {top} examples learned R[i][i] rose " + ", ".join(f"{r:+.1f} ({m})" for m, r in rise.items())
-            + ("." if flat else ": the curve has not flattened.") + f" {top} is the most the data allow (yahoo's "
-            f"training split holds 400 examples; one epoch), so the tables below train at that size"
-            + ("." if flat else ", not at a measured plateau.") + f" At {top}, the lr table says how far each task "
-            "is from what these examples teach at a faster rate: " + "; ".join(gains) + ".")
+            + f": the curve has not flattened. {top} is the most the data allow (yahoo's training split holds 400 "
+            f"examples; one epoch), so the tables below train at that size, not at a measured plateau. At {top}, "
+            "the lr table says how far each task is from what these examples teach at a faster rate: "
+            + "; ".join(gains) + ".")
 
 
 def regime_lines(root: Path = ROOT) -> list[str]:
@@ -737,8 +738,10 @@ def regime_lines(root: Path = ROOT) -> list[str]:
               *(["Chosen lr: " + ", ".join(f"{m} {lr:g}" for m, lr in chosen.items()) + ".", ""] if chosen else []),
               f"Plateau size: **{size} training examples per task**." if size else
               "Plateau size: not yet measured (the regime runs are incomplete).", ""]
-    if size == max(REGIME_SIZES):
-        lines += [_still_rising(frame, chosen), ""]
+    rising = _still_rising(frame, chosen) if size == max(REGIME_SIZES) else None
+    if rising:
+        lines[-2] = f"Size of the tables below: **{size} training examples per task**, the largest measured."
+        lines += [rising, ""]
     if regime:
         fig = new_figure(12.0, 3.6)
         for ax, key in zip(fig.subplots(1, 3), ("learned R[i][i]", "AA", "BWT")):

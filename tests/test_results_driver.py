@@ -398,7 +398,7 @@ def test_a_curve_still_rising_at_the_largest_size_is_said_so(tmp_path):
         for n, v in zip(results.REGIME_SIZES, (40.0, 50.0, 60.0, 72.5 if method == "seq-ft" else 61.0)):
             _write(tmp_path, _regime_summary("regime", method, lrs[1], n, v))
     text = "\n".join(results.regime_lines(tmp_path))
-    assert "Plateau size: **400 training examples per task**." in text
+    assert "Size of the tables below: **400 training examples per task**, the largest measured." in text
     assert ("From 256 to 400 examples learned R[i][i] rose +12.5 (seq-ft), +1.0 (seq-lora): the curve has not "
             "flattened." in text and "train at that size, not at a measured plateau." in text)
     assert "seq-ft learned the most at its chosen lr; seq-lora +6.0 at a larger lr." in text
