@@ -748,6 +748,7 @@ def regime_lines(root: Path = ROOT) -> list[str]:
             sns.lineplot(frame[frame.table == "regime"], x="n", y=key, hue="method", marker="o", ax=ax)
             ax.set(xscale="log", xlabel="training examples per task", ylabel=f"{key} (%)")
             ax.set_xticks(REGIME_SIZES, [str(n) for n in REGIME_SIZES])
+            ax.minorticks_off()  # the log axis's own labels (6×10¹, …) would overprint the sizes
             ax.grid(alpha=0.3)
         fig.suptitle("Regime: standard order 1, seed 0, no MIGU, each method at its chosen lr", fontsize=11)
         image = save(fig, root / "docs" / "images" / "results_regime.png")
