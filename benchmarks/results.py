@@ -132,6 +132,11 @@ LONG_PLATEAU = {"data.train_per_task": 128, "eval.matrix": "diagonal"}
 
 
 def _plateau_tables(a, name: str) -> list:
+    runs = _plateau_grid(a, name)
+    return [r for r in runs if r[1]["data.order"] in a.orders] if a.orders else runs
+
+
+def _plateau_grid(a, name: str) -> list:
     base, lrs = plateau_grid(getattr(a, "root", None))
     seeds = a.seeds or (0, 1, 2)
     if name == "plateau1":  # Table 1 anew: order 1 with replay and O-LoRA, orders 2 and 3 with the sequential two

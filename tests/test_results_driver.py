@@ -15,8 +15,8 @@ _spec.loader.exec_module(results)
 
 
 class _Args:
-    orders = None
-    seeds = None  # each table's default
+    def __init__(self, orders=None, seeds=None):  # None: each table's default
+        self.orders, self.seeds = orders, seeds
 
 
 def test_grid_is_seed_major_and_settings_differ_only_per_run():
@@ -427,6 +427,10 @@ def test_plateau_tables_use_the_regime_size_and_the_chosen_lrs(tmp_path, monkeyp
     assert sorted(shared) == sorted(f"o1-{m}-{t}-s{s}" for m in ("seq-ft", "seq-lora") for t in ("base", "migu0.7")
                                     for s in (0, 1, 2))
     assert all(ablation[n] == dict(table1)[n] for n in shared)
+    # --orders picks orders of the grid as it stands (order 1 here has the two extra methods)
+    assert results.TABLES["plateau1"](_Args(orders=[2])) == [r for r in table1 if r[1]["data.order"] == 2]
+    assert [n for n, _ in results.TABLES["plateau1"](_Args(orders=[1], seeds=[0]))] == [
+        f"o1-{m}-{t}-s0" for m in ("seq-ft", "seq-lora", "replay", "o-lora") for t in ("base", "migu0.7")]
     long = results.TABLES["plateau_long"](_Args())
     assert [n for n, _ in long] == ["o4-seq-ft-base-s0", "o4-seq-ft-migu0.7-s0", "o4-seq-lora-base-s0",
                                     "o4-seq-lora-migu0.7-s0"]
