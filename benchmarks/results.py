@@ -762,8 +762,8 @@ def regime_lines(root: Path = ROOT) -> list[str]:
 
 
 PLATEAU_TITLES = {
-    "plateau1": "Table 1 anew — standard benchmark at the plateau size: methods without and with MIGU (T=0.7)",
-    "ablation": "Ablation — one MIGU option at a time (standard order 1, at the plateau size)",
+    "plateau1": "Table 1 anew — standard benchmark at the regime's size: methods without and with MIGU (T=0.7)",
+    "ablation": "Ablation — one MIGU option at a time (standard order 1, at the regime's size)",
     "plateau_long": "Long benchmark anew — 15 tasks (order 4), 16 steps per task, without and with MIGU",
 }
 WHAT_CHANGED = """What changed since the 8-step tables (kept at the end of this page until the plateau tables are complete),
@@ -771,9 +771,9 @@ and why. Those tables trained each task for 8 steps of batch 8, where nothing re
 that slows learning lowers AA whatever it does for retention; and they masked the first task, which the
 paper's code never does (`--is_first_task`). The tables below (1) leave the first task unmasked
 (`migu.first_task: skip`, the default); (2) run under bf16 autocast with shared-prefix evaluation, which made
-a step ~1.8–2.5× and an evaluation ~4× faster on these CPUs; (3) train each task to its plateau: the size
-is measured first (Regime), at a learning rate chosen once per method on order 1 seed 0 and then fixed;
-(4) test on 100 examples per task (±5 points a cell instead of ±8). Every run of these tables ran one code
+a step ~1.8–2.5× and an evaluation ~4× faster on these CPUs; (3) train each task far longer: the learning
+curve is measured first (Regime), at a learning rate chosen once per method on order 1 seed 0 and then fixed,
+and the tables use its plateau size, or the largest size the data allow while the curve still rises; (4) test on 100 examples per task (±5 points a cell instead of ±8). Every run of these tables ran one code
 version (the fingerprint of migu's sources is printed with each table)."""
 
 
