@@ -703,14 +703,14 @@ def _still_rising(frame, chosen: dict) -> str | None:
     top, prev = REGIME_SIZES[-1], REGIME_SIZES[-2]
     curve = frame[frame.table == "regime"].set_index(["method", "n"])["learned R[i][i]"]
     rise = {m: curve[(m, top)] - curve[(m, prev)] for m in LR_GRID}
+    if all(r <= PLATEAU_GAP for r in rise.values()):
+        return None  # a plateau after all: nothing to explain
     at_top = frame[(frame.table == "lr") & (frame.n == top)]
     gains = []
     for m, lr in chosen.items():
         runs = at_top[at_top.method == m]
         gain = runs["learned R[i][i]"].max() - runs[runs.lr == lr]["learned R[i][i]"].iloc[0]
         gains.append(f"{m} {'learned the most at its chosen lr' if gain <= 0 else f'+{gain:.1f} at a larger lr'}")
-    if all(r <= PLATEAU_GAP for r in rise.values()):
-        return None  # a plateau after all: nothing to explain
     return (f"From {prev} to {top} examples learned R[i][i] rose " + ", ".join(f"{r:+.1f} ({m})" for m, r in rise.items())
             + f": the curve has not flattened. {top} is the most the data allow (yahoo's training split holds 400 "
             f"examples; one epoch), so the tables below train at that size, not at a measured plateau. At {top}, "
@@ -773,7 +773,8 @@ paper's code never does (`--is_first_task`). The tables below (1) leave the firs
 (`migu.first_task: skip`, the default); (2) run under bf16 autocast with shared-prefix evaluation, which made
 a step ~1.8–2.5× and an evaluation ~4× faster on these CPUs; (3) train each task far longer: the learning
 curve is measured first (Regime), at a learning rate chosen once per method on order 1 seed 0 and then fixed,
-and the tables use its plateau size, or the largest size the data allow while the curve still rises; (4) test on 100 examples per task (±5 points a cell instead of ±8). Every run of these tables ran one code
+and the tables use its plateau size, or the largest size the data allow while the curve still rises;
+(4) test on 100 examples per task (±5 points a cell instead of ±8). Every run of these tables ran one code
 version (the fingerprint of migu's sources is printed with each table)."""
 
 
