@@ -218,9 +218,34 @@ def _same_settings(sets: dict, root: Path, table: str) -> Path | None:
     return None
 
 
+# Tables whose runs must all share one code version: the plateau regime's steps size and feed each other
+PLATEAU_FAMILY = ("lr", "regime", "plateau1", "ablation", "plateau_long")
+
+
+def check_code(table: str, root: Path = ROOT) -> None:
+    """Refuse to add a run to a table (or the plateau family) made with other migu code than this checkout's.
+
+    The package moves on while a table's runs are made over several sessions; mixing fingerprints in one
+    table would compare two programs. The message names the commit whose migu/ the table ran.
+    """
+    from migu.provenance import code_fingerprint
+
+    group = PLATEAU_FAMILY if table in PLATEAU_FAMILY else (table,)
+    runs = [r for t in group for r in table_runs(t, root)]
+    codes = {r.get("code") for r in runs} - {None}
+    here = code_fingerprint()
+    if codes and here not in codes:
+        last = max(runs, key=lambda r: r.get("code") in codes)  # a run that recorded its code
+        commit = (last.get("git_commit") or "?").removesuffix("-dirty")[:12]
+        raise SystemExit(f"error: results/{table}: its runs ran migu code {', '.join(sorted(codes))} (e.g. commit "
+                         f"{commit}); this checkout's migu/ is {here}: run from a worktree whose migu/ is that code "
+                         f"(`git checkout {commit} -- migu`), or move the table's results away to rerun them all")
+
+
 def run_table(table: str, runs, list_only: bool, threads: int | None = None, root: Path = ROOT) -> None:
     out_json = root / "results" / table
     out_json.mkdir(parents=True, exist_ok=True)
+    checked = False
     for name, sets in runs:
         target = out_json / f"{name}.json"
         if target.exists() or list_only:
@@ -231,6 +256,9 @@ def run_table(table: str, runs, list_only: bool, threads: int | None = None, roo
             target.write_text(json.dumps({**json.loads(same.read_text()), "table": table, "run": name}, indent=1) + "\n")
             print(f"done   {table}/{name}: the same settings as {same.parent.name}/{same.stem}", flush=True)
             continue
+        if not checked:  # before the first run this call trains
+            check_code(table, root)
+            checked = True
         summary, cfg = _run_one(table, name, sets, root / "runs" / "results" / table / name, threads)
         keep = {k: summary.get(k) for k in ("aa", "bwt", "fwt", "forgetting", "tasks", "matrix", "r0", "method",
                                              "migu", "seed", "lr", "wall_time_s", "git_commit", "code", "machine",
@@ -335,6 +363,7 @@ def trained_run_dir(table: str, name: str, root: Path = ROOT, train: bool = Fals
                          "session: run directories are not committed)")
     retrained = run_dir is None or "reproduce" in run_dir.relative_to(root).parts
     if run_dir is None:
+        check_code(table, root)
         _run_one(table, name, committed["settings"], own, committed.get("threads"))
         run_dir = own
     trained = json.loads((run_dir / "summary.json").read_text())

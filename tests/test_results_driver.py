@@ -435,3 +435,28 @@ def test_plateau_tables_use_the_regime_size_and_the_chosen_lrs(tmp_path, monkeyp
     assert [n for n, _ in long] == ["o4-seq-ft-base-s0", "o4-seq-ft-migu0.7-s0", "o4-seq-lora-base-s0",
                                     "o4-seq-lora-migu0.7-s0"]
     assert all(s["eval.matrix"] == "diagonal" and s["data.train_per_task"] == 128 for _, s in long)
+
+
+def test_a_table_refuses_a_run_of_other_code_than_its_committed_runs(tmp_path, monkeypatch):
+    # the plateau family ran one migu fingerprint ("f00d"); this checkout's differs: no run is trained, a copy is fine
+    done = _regime_summary("lr", "seq-ft", 5e-5, 400, 70.0)
+    _write(tmp_path, {**done, "git_commit": "9437ce0e764a20d293b33040927717460bc507c3-dirty"})
+    monkeypatch.setattr(results, "_run_one", lambda *a, **k: pytest.fail("trained with other code"))
+    results.run_table("regime", [results._plateau_run("seq-ft", 400, 5e-5)], list_only=False, root=tmp_path)
+    with pytest.raises(SystemExit, match=r"results/plateau1: its runs ran migu code f00d .*commit 9437ce0e764a.*"
+                                         r"git checkout 9437ce0e764a -- migu"):
+        results.run_table("plateau1", [results._plateau_run("seq-ft", 64, 5e-5)], list_only=False, root=tmp_path)
+    assert not (tmp_path / "results" / "plateau1" / f"{results._plateau_run('seq-ft', 64, 5e-5)[0]}.json").exists()
+    results.run_table("table1", [], list_only=False, root=tmp_path)  # another table: its own runs only
+
+
+def test_a_run_of_the_same_code_is_trained(tmp_path, monkeypatch):
+    from migu.provenance import code_fingerprint
+
+    _write(tmp_path, {**_regime_summary("lr", "seq-ft", 5e-5, 400, 70.0), "code": code_fingerprint()})
+    trained = []
+    monkeypatch.setattr(results, "_run_one", lambda table, name, *a: trained.append(name) or (
+        {"aa": 1.0, "git_commit": "x", "code": code_fingerprint()}, type("C", (), {"threads": 1})))
+    name, sets = results._plateau_run("seq-ft", 64, 5e-5)
+    results.run_table("regime", [(name, sets)], list_only=False, root=tmp_path)
+    assert trained == [name]
