@@ -341,6 +341,9 @@ EVIDENCE = ("plateau1", ("o1-seq-ft-base-s0", "o1-seq-ft-migu0.7-s0"))
 TOKENS = ("all", "answer")  # MIGU's statistics over every real token (the default) or only the answer positions
 
 
+RETRAINED = "retrained.json"  # in a run directory trained again by `trained_run_dir`: not the committed run
+
+
 def trained_run_dir(table: str, name: str, root: Path = ROOT, train: bool = False) -> tuple[Path, dict | None]:
     """The run directory holding a committed run's final model, and how a retrain compared (None if not retrained).
 
@@ -361,13 +364,14 @@ def trained_run_dir(table: str, name: str, root: Path = ROOT, train: bool = Fals
     if run_dir is None and not train:
         raise SystemExit(f"error: {own}: the run's directory is not here (not finished, or trained in another "
                          "session: run directories are not committed)")
-    retrained = run_dir is None or "reproduce" in run_dir.relative_to(root).parts
     if run_dir is None:
         check_code(table, root)
         _run_one(table, name, committed["settings"], own, committed.get("threads"))
+        (own / RETRAINED).write_text(json.dumps({"of": summary.relative_to(root).as_posix()}) + "\n")
         run_dir = own
     trained = json.loads((run_dir / "summary.json").read_text())
-    # wall times are rounded, so a tiny run trained again can tie: what was trained here decides first
+    # a rerun says so (its marker, or reproduce's directory); wall times are rounded, so tiny runs can tie
+    retrained = (run_dir / RETRAINED).is_file() or "reproduce" in run_dir.relative_to(root).parts
     if not retrained and trained.get("wall_time_s") == committed.get("wall_time_s"):  # the committed run itself
         return run_dir, None
     return run_dir, {"run_dir": run_dir.relative_to(root).as_posix(), "code_version": _short(trained["git_commit"]),
