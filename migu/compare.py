@@ -11,6 +11,7 @@ does not import the loop and the loop does not import its caller.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable
@@ -49,7 +50,9 @@ def run_comparison(cfg: RunConfig, path: Path, train_one: Callable[..., dict], *
     """`compare_migu`: the same run without and with MIGU into `<path>/no-migu` and `<path>/migu`.
 
     The untrained evaluation is computed once (by the first run) and shared: the base model, data and
-    evaluation are identical. Resuming continues whichever sub-run is unfinished.
+    evaluation are identical. So is the first task under `migu.first_task: skip` (the default): the MIGU
+    run starts from a copy of the first run at its first phase boundary (`RunDir.fork`), the result of
+    training it again. Resuming continues whichever sub-run is unfinished.
     """
     preloaded = None
     if resume:
@@ -63,10 +66,19 @@ def run_comparison(cfg: RunConfig, path: Path, train_one: Callable[..., dict], *
         parent.write_config(to_yaml(absolute_paths(dataclasses.replace(cfg, output_dir=str(path))), provenance()))
     try:
         summaries, r0 = {}, None
-        for sub, enabled in zip(COMPARE_RUNS, (False, True)):
+        sub_cfgs = {sub: dataclasses.replace(cfg, compare_migu=False, output_dir=str(path / sub),
+                                             migu=dataclasses.replace(cfg.migu, enabled=enabled))
+                    for sub, enabled in zip(COMPARE_RUNS, (False, True))}
+
+        def share_first_task(index: int, rd: RunDir) -> None:
+            if index == 0 and cfg.migu.first_task == "skip":  # phase 0 is unmasked: both runs train it alike
+                rd.fork(path / COMPARE_RUNS[1], to_yaml(absolute_paths(sub_cfgs[COMPARE_RUNS[1]]), provenance()),
+                        {"type": "shared", "stage": 0, "from": COMPARE_RUNS[0], "phases": 1})
+
+        if distributed.is_main_process():  # a fork cut by a kill: the MIGU run then trains its first task too
+            shutil.rmtree(RunDir.fork_temporary(path / COMPARE_RUNS[1]), ignore_errors=True)
+        for sub, sub_cfg in sub_cfgs.items():
             distributed.barrier()  # every rank reads the sub-run's state before rank 0 writes it
-            sub_cfg = dataclasses.replace(cfg, compare_migu=False, output_dir=str(path / sub),
-                                          migu=dataclasses.replace(cfg.migu, enabled=enabled))
             rd = RunDir(path / sub)
             state = rd.read_state() if RunDir.is_run_dir(rd.path) else None
             if state is not None and state.get("status") == "done" and rd.read_summary() is not None:
@@ -74,7 +86,8 @@ def run_comparison(cfg: RunConfig, path: Path, train_one: Callable[..., dict], *
             else:
                 Printer(quiet).line(f"== {sub}: {path / sub}")
                 resume_sub = RunDir.is_run_dir(rd.path)
-                summaries[sub] = train_one(sub_cfg, rd.path, resume_sub, r0, None if resume_sub else preloaded)
+                summaries[sub] = train_one(sub_cfg, rd.path, resume_sub, r0, None if resume_sub else preloaded,
+                                           share_first_task if sub == COMPARE_RUNS[0] else None)
                 preloaded = None  # the first run trained it
             r0 = r0 or summaries[sub].get("r0")
         result = {"runs": summaries, "path": str(path)}

@@ -106,7 +106,7 @@ class RunConfig:
     output_dir: Optional[str] = None
     """Run directory; null: runs/<name>-<method>[-migu]-s<seed> (compare_migu: runs/<name>-<method>-compare-s<seed>)."""
     compare_migu: bool = False
-    """Run twice, without and with MIGU, into <output_dir>/no-migu and <output_dir>/migu (sharing the untrained evaluation), and print both side by side."""
+    """Run twice, without and with MIGU, into <output_dir>/no-migu and <output_dir>/migu, and print both side by side. The MIGU run reuses the untrained evaluation and, under migu.first_task skip, the first task (trained unmasked alike: it starts from a copy of the first run's)."""
     scenario: str = "finetune"
     """`finetune`: the task stream (data.*), accuracy matrix; `pretrain`: text domains (pretrain.*), perplexity matrix."""
     threads: Optional[int] = None

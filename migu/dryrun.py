@@ -158,11 +158,17 @@ def plan(cfg: RunConfig, flops: float | None = None) -> dict:
         eval_task_flops.append(flops_task)
     mean_cell = sum(eval_task_flops) / max(1, len(eval_task_flops))
     eval_flops = mean_cell * cells
+    # compare_migu: the second run reuses the untrained row and, under first_task skip, the first phase
+    runs, shared = (2 if cfg.compare_migu else 1), 0.0
+    if cfg.compare_migu:
+        shared = mean_cell * (n_tasks if cfg.eval.untrained else 0)
+        if cfg.migu.first_task == "skip" and cfg.train.checkpoint and rows:
+            shared += rows[0]["flops"] + mean_cell * len(evaluated_columns(cfg.eval.matrix, 0, n_tasks, n_phases))
     measured = flops is None
     rate = measure_flops() if measured else float(flops)
     return {"model": cfg.model.name, "architecture": config.model_type, "encoder_decoder": seq2seq,
             "config_source": config_source, "parameters": params, "method": cfg.method.name,
-            "migu": cfg.migu.enabled or cfg.compare_migu, "runs": 2 if cfg.compare_migu else 1,
+            "migu": cfg.migu.enabled or cfg.compare_migu, "runs": runs,
             "tasks": [{"name": task.name, "train": len(task.train), "test": len(task.test)} for task in tasks],
             "phases": rows, "steps": sum(r["steps"] for r in rows),
             "global_batch": t.batch_size * t.grad_accum, "eval_matrix": cfg.eval.matrix, "eval_cells": cells,
@@ -170,7 +176,7 @@ def plan(cfg: RunConfig, flops: float | None = None) -> dict:
             "train_flops": train_flops, "eval_flops": eval_flops, "token_source": token_source,
             "flop_rate": rate, "flop_rate_source": "measured float32 matmul on this machine" if measured
             else "--flops",
-            "wall_time_s": (train_flops + eval_flops) / rate * (2 if cfg.compare_migu else 1)}
+            "wall_time_s": (runs * (train_flops + eval_flops) - shared) / rate}
 
 
 def _human(x: float, unit: str = "") -> str:

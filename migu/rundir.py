@@ -226,6 +226,40 @@ class RunDir:
         """`(tensors, method_state, meta)` of the newest intact checkpoint, sharded ones read whole, or None."""
         return integrity.load_checkpoint(self.path)
 
+    def fork(self, dest: str | Path, config: str, note: dict) -> bool:
+        """A new run directory `dest` at this run's last phase boundary, under `config` (a resume continues it).
+
+        `compare_migu` with `migu.first_task: skip`: the MIGU run trains the first task exactly like the run
+        without MIGU, so it starts from this copy. State, metrics (each record marked `shared`, then `note`),
+        matrix and `checkpoints/last` are copied into a temporary directory renamed into place: whole or absent. An
+        existing `dest` is left alone (False).
+        """
+        dest = Path(dest)
+        if not is_main_process() or dest.exists():
+            return False
+        tmp = self.fork_temporary(dest)
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)  # a fork cut by a kill
+            (tmp / CHECKPOINT).parent.mkdir(parents=True)
+            for name in (STATE, MATRIX, PPL_MATRIX):
+                if (self.path / name).is_file():
+                    shutil.copy2(self.path / name, tmp / name)
+            shutil.copytree(self.path / CHECKPOINT, tmp / CHECKPOINT)
+            records = [{**r, "shared": True} for r in self.read_metrics()] + [note]  # computed by this run
+            (tmp / METRICS).write_text("".join(json.dumps(r, default=integrity.jsonable) + "\n" for r in records),
+                                       encoding="utf-8")
+            atomic_write_text(tmp / CONFIG, config)  # last: a directory with config.yaml is a run directory
+            tmp.rename(dest)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise write_error(dest, err, "nothing was changed") from None
+        return True
+
+    @staticmethod
+    def fork_temporary(dest: str | Path) -> Path:
+        """Where `fork` builds `dest` (a kill can leave it; never a run directory to report)."""
+        return Path(dest).with_name(f".{Path(dest).name}.fork")
+
     def clean_temporaries(self) -> None:
         """Remove leftovers of writes interrupted by a kill (temporary files and checkpoint dirs)."""
         integrity.clean_temporaries(self.path)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -81,8 +81,9 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, output
     with distributed.session(cfg.train.dist_timeout_s, cfg.train.device, run_dir=str(path),
                              precision=cfg.train.precision, engine=cfg.train.engine):
         if cfg.compare_migu:
-            def train_one(sub_cfg, sub_path, sub_resume, r0, preloaded):
-                return _Run(sub_cfg, sub_path, sub_resume, False, quiet, r0, preloaded=preloaded).execute()
+            def train_one(sub_cfg, sub_path, sub_resume, r0, preloaded, after_phase=None):
+                return _Run(sub_cfg, sub_path, sub_resume, False, quiet, r0, preloaded=preloaded,
+                            after_phase=after_phase).execute()
 
             return run_comparison(cfg, path, train_one, resume=resume, overwrite=overwrite, quiet=quiet)
         rd = None
@@ -99,8 +100,10 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, output
 
 class _Run:
     def __init__(self, cfg: RunConfig, path: Path, resume: bool, overwrite: bool, quiet: bool, r0,
-                 preloaded: Optional[tuple] = None, rundir: Optional[RunDir] = None):
+                 preloaded: Optional[tuple] = None, rundir: Optional[RunDir] = None,
+                 after_phase: Optional[Callable[[int, RunDir], None]] = None):
         self.cfg, self.path, self.resume, self.overwrite, self.r0 = cfg, path, resume, overwrite, r0
+        self.after_phase = after_phase  # (phase index, run directory) once the phase's checkpoint is saved
         self.rd = rundir  # resume: already opened and locked by the caller
         self.preloaded = preloaded  # (model, tokenizer) already loaded by the caller, used instead of loading
         self.out = Printer(quiet or not distributed.is_main_process())  # rank 0 prints, every rank trains
@@ -223,6 +226,8 @@ class _Run:
                         "finished_tasks": index + 1, "rows": rows, "r0": r0, "row_names": row_names[:index + 1],
                         "elapsed_s": total}, self.cfg.train)
                 self._save_state(index + 1, r0, rows, total, "running")
+                if self.after_phase is not None and self.cfg.train.checkpoint:
+                    self.after_phase(index, self.rd)
                 signum = self.schedule.stop_requested()  # a signal during evaluation: stop at this boundary
                 if signum is not None and index + 1 < len(self.phases):
                     raise preemption.Interrupted(signum, f"after task {index + 1}/{len(self.phases)} ({name})",

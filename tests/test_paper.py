@@ -79,3 +79,19 @@ def test_paper_numbers_match_the_issue_and_runs_find_them():
     assert paper_aa("t5-large", "long", 6, "seq-lora", False, rows)[0] == 46.0
     assert paper_aa("t5-large", "long", 6, "seq-lora", True, rows)[0] == 61.2
     assert paper_aa("smollm2-135m", "standard", 1, "seq-ft", False, rows) is None
+
+
+def test_dry_run_of_compare_migu_counts_what_the_second_run_reuses(tmp_path, tiny_llama_dir):
+    from tests.runner_helpers import tiny_config, write_stream
+
+    stream = write_stream(tmp_path / "data")
+    rate = 1e9
+    single = plan(tiny_config(tiny_llama_dir, stream, tmp_path / "o"), flops=rate)
+    both = plan(tiny_config(tiny_llama_dir, stream, tmp_path / "o", compare_migu=True), flops=rate)
+    masked = plan(tiny_config(tiny_llama_dir, stream, tmp_path / "o", compare_migu=True,
+                              **{"migu.first_task": "mask"}), flops=rate)
+    cell = single["eval_flops"] / single["eval_cells"]  # 3 tasks, full matrix: 4 rows of 3 cells
+    assert single["eval_cells"] == 12 and both["runs"] == 2
+    # the untrained row is always shared; under first_task skip also task 1's training and its row
+    assert masked["wall_time_s"] == pytest.approx(2 * single["wall_time_s"] - 3 * cell / rate)
+    assert both["wall_time_s"] == pytest.approx(masked["wall_time_s"] - (single["phases"][0]["flops"] + 3 * cell) / rate)

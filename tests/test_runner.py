@@ -299,6 +299,55 @@ def test_compare_migu_runs_both_and_shares_r0(tmp_path, tiny_llama_dir):
     assert "no MIGU" in text and "MIGU (T=0.7" in text and "aa" in text
 
 
+def _records(run_dir, text):
+    return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if text in x]
+
+
+def test_compare_migu_shares_the_first_task_and_equals_the_runs_made_alone(tmp_path, tiny_llama_dir, stream):
+    # first_task skip: the MIGU run starts from a copy of the run without MIGU after task 1, and ends exactly
+    # where a MIGU run made alone ends (matrix, losses), training 2 of its 3 tasks
+    out = tmp_path / "cmp"
+    result = run(tiny_config(tiny_llama_dir, stream, out, compare_migu=True), quiet=True)
+    alone = run(tiny_config(tiny_llama_dir, stream, tmp_path / "alone", **{"migu.enabled": True}), quiet=True)
+    yes = result["runs"]["migu"]
+    assert yes["matrix"] == alone["matrix"] and yes["r0"] == alone["r0"] and yes["aa"] == alone["aa"]
+    assert train_losses(out / "migu") == train_losses(tmp_path / "alone")
+    assert train_losses(out / "migu")[:3] == train_losses(out / "no-migu")[:3]  # task 1: 3 steps, shared
+    assert _records(out / "migu", '"type": "shared') == [{"type": "shared", "stage": 0, "from": "no-migu", "phases": 1}]
+    copied = [r for r in _records(out / "migu", "stage") if r.get("shared")]
+    assert {(r["type"], r["stage"]) for r in copied} == {("eval", -1), ("train", 0), ("eval", 0)}
+    assert [r.get("migu_kept") is None for r in _records(out / "migu", '"type": "train"')] == [True] * 3 + [False] * 6
+    cfg = (out / "migu" / "config.yaml").read_text()
+    assert "enabled: true" in cfg and str(out / "migu") in cfg and str(out / "no-migu") not in cfg
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "comparison.json", "config.yaml", "migu", "no-migu"]
+
+
+def test_compare_migu_masking_the_first_task_trains_it_twice(tmp_path, tiny_llama_dir, stream):
+    out = tmp_path / "cmp"
+    result = run(tiny_config(tiny_llama_dir, stream, out, compare_migu=True, **{"migu.first_task": "mask"}),
+                 quiet=True)
+    train = _records(out / "migu", '"type": "train"')
+    assert _records(out / "migu", '"type": "shared') == [] and not any(r.get("shared") for r in train)
+    assert all(r.get("migu_kept") is not None for r in train)
+    assert train_losses(out / "migu")[:3] != train_losses(out / "no-migu")[:3]
+    assert result["runs"]["migu"]["migu"]["first_task"] == "mask"
+
+
+def test_a_fork_cut_by_a_kill_is_removed_and_the_migu_run_trains_whole(tmp_path, tiny_llama_dir, stream, monkeypatch):
+    from migu.rundir import RunDir
+
+    out = tmp_path / "cmp"
+    monkeypatch.setattr(RunDir, "fork", lambda self, dest, config, note: (
+        RunDir.fork_temporary(dest).mkdir(parents=True), (RunDir.fork_temporary(dest) / "config.yaml").write_text(
+            config), False)[-1])  # the kill before the rename
+    run(tiny_config(tiny_llama_dir, stream, out, compare_migu=True), quiet=True)
+    assert (out / ".migu.fork").is_dir()
+    monkeypatch.undo()
+    (out / "comparison.json").unlink()
+    result = run(tiny_config(tiny_llama_dir, stream, out, compare_migu=True), resume=True, quiet=True)
+    assert not (out / ".migu.fork").exists() and result["runs"]["migu"]["aa"] is not None
+
+
 def test_diagonal_eval_matrix_evaluates_only_the_cells_bwt_and_fwt_need(tmp_path, tiny_llama_dir, stream):
     full = run(tiny_config(tiny_llama_dir, stream, tmp_path / "full"), quiet=True)
     out = tmp_path / "diag"
