@@ -72,8 +72,10 @@ def run_comparison(cfg: RunConfig, path: Path, train_one: Callable[..., dict], *
 
         def share_first_task(index: int, rd: RunDir) -> None:
             if index == 0 and cfg.migu.first_task == "skip":  # phase 0 is unmasked: both runs train it alike
-                rd.fork(path / COMPARE_RUNS[1], to_yaml(absolute_paths(sub_cfgs[COMPARE_RUNS[1]]), provenance()),
-                        {"type": "shared", "stage": 0, "from": COMPARE_RUNS[0], "phases": 1})
+                if rd.fork(path / COMPARE_RUNS[1], to_yaml(absolute_paths(sub_cfgs[COMPARE_RUNS[1]]), provenance()),
+                           {"type": "shared", "stage": 0, "from": COMPARE_RUNS[0], "phases": 1}):
+                    Printer(quiet).line(f"{COMPARE_RUNS[1]}/ starts from here: MIGU leaves the first task unmasked "
+                                        "(migu.first_task: skip)")
 
         if distributed.is_main_process():  # a fork cut by a kill: the MIGU run then trains its first task too
             shutil.rmtree(RunDir.fork_temporary(path / COMPARE_RUNS[1]), ignore_errors=True)
