@@ -93,6 +93,21 @@ def test_render_groups_seeds_and_pairs_migu_with_base(tmp_path):
     assert migu["bwt_mean"] == -5.0 and migu["bwt_std"] == pytest.approx(statistics.stdev([-4.0, -6.0]))
 
 
+def test_paired_deltas_are_also_pooled_over_orders(tmp_path):
+    # order 1: Δ AA +5, −2 (seeds 0, 1); order 2: Δ AA +3 (seed 0) → all orders: +5, −2, +3 = 2.0 ± 3.6, 2 of 3
+    runs = [_summary("seq-lora", False, 0, 40.0, -10.0, 100.0), _summary("seq-lora", False, 1, 50.0, -20.0, 100.0),
+            _summary("seq-lora", True, 0, 45.0, -4.0, 100.0), _summary("seq-lora", True, 1, 48.0, -6.0, 100.0)]
+    for migu, aa in ((False, 30.0), (True, 33.0)):
+        r = _summary("seq-lora", migu, 0, aa, -10.0, 100.0)
+        runs.append({**r, "settings": {**r["settings"], "data.order": 2}})
+    text = "\n".join(results.delta_lines(runs))
+    assert "| 1 | seq-lora | 0.7 | 2 | +1.5 ± 4.9 |" in text and "| 2 | seq-lora | 0.7 | 1 | +3.0 |" in text
+    sd = statistics.stdev([5.0, -2.0, 3.0])
+    assert f"| all 1,2 | seq-lora | 0.7 | 3 | +2.0 ± {sd:.1f} |" in text and text.count("| all") == 1
+    assert text.splitlines()[-1].endswith("| 2/3 |")
+    assert "| all" not in "\n".join(results.delta_lines(runs[:4]))  # one order: nothing to pool
+
+
 def test_threshold_ablation_figure(tmp_path):
     out = tmp_path / "results" / "table3"
     out.mkdir(parents=True)
