@@ -9,6 +9,12 @@
     python benchmarks/results.py render            # docs/RESULTS.md from results/*/*.json
     python benchmarks/results.py table1 --list     # what would run, and what is done
 
+The plateau regime (the results issue), in order: `lr`, `regime`, `plateau1`, `ablation`, `plateau_long`,
+`evidence` (each with `--shard K/N --threads 1` to run side by side). All their runs share one migu code
+version (`check_code` refuses another); once the package has moved on, run them from a worktree whose
+migu/ is that version — `git worktree add --detach ../wt main && git -C ../wt checkout 9437ce0 -- migu` —
+and copy results/<table>/*.json back. The driver imports the migu of its own checkout, not the installed one.
+
 Every run of a table uses the same SETTINGS (subset sizes, epochs, lrs) — only the method and MIGU
 differ. Runs go to runs/results/<table>/<run>/ (ignored by git) and resume where they stopped; each
 finished run's summary (AA, BWT, FWT, forgetting, matrix, settings, git commit) is written to
@@ -27,6 +33,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's migu (a results worktree's), whichever is installed
 
 # Why these settings: printed at the top of docs/RESULTS.md, so the reason travels with the numbers.
 WHY = """Why these settings (measured on this machine, see ../shared/NOTES.md): one full-FT step of batch 8
