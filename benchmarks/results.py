@@ -242,7 +242,7 @@ def check_code(table: str, root: Path = ROOT) -> None:
     codes = {r.get("code") for r in runs} - {None}
     here = code_fingerprint()
     if codes and here not in codes:
-        last = max(runs, key=lambda r: r.get("code") in codes)  # a run that recorded its code
+        last = next(r for r in runs if r.get("code") in codes)  # a run that recorded its code
         commit = (last.get("git_commit") or "?").removesuffix("-dirty")[:12]
         raise SystemExit(f"error: results/{table}: its runs ran migu code {', '.join(sorted(codes))} (e.g. commit "
                          f"{commit}); this checkout's migu/ is {here}: run from a worktree whose migu/ is that code "

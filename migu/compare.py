@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from migu import distributed
 from migu.config import RunConfig, to_yaml
+from migu.masking import masked_phase
 from migu.metrics import METRIC_KEYS
 from migu.models import load_model_and_tokenizer
 from migu.provenance import provenance
@@ -71,7 +72,7 @@ def run_comparison(cfg: RunConfig, path: Path, train_one: Callable[..., dict], *
                     for sub, enabled in zip(COMPARE_RUNS, (False, True))}
 
         def share_first_task(index: int, rd: RunDir) -> None:
-            if index == 0 and cfg.migu.first_task == "skip":  # phase 0 is unmasked: both runs train it alike
+            if index == 0 and not masked_phase(sub_cfgs[COMPARE_RUNS[1]].migu, 0):  # both runs train it alike
                 if rd.fork(path / COMPARE_RUNS[1], to_yaml(absolute_paths(sub_cfgs[COMPARE_RUNS[1]]), provenance()),
                            {"type": "shared", "stage": 0, "from": COMPARE_RUNS[0], "phases": 1}):
                     Printer(quiet).line(f"{COMPARE_RUNS[1]}/ starts from here: MIGU leaves the first task unmasked "

@@ -19,12 +19,14 @@ not counted.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
 import torch
 
 from migu.config import RunConfig
+from migu.masking import masked_phase
 from migu.metrics import evaluated_columns
 from migu.models import ModelError, load_config, model_class
 from migu.steps import check_task_epochs, phase_epochs, phase_lr
@@ -162,7 +164,7 @@ def plan(cfg: RunConfig, flops: float | None = None) -> dict:
     runs, shared = (2 if cfg.compare_migu else 1), 0.0
     if cfg.compare_migu:
         shared = mean_cell * (n_tasks if cfg.eval.untrained else 0)
-        if cfg.migu.first_task == "skip" and cfg.train.checkpoint and rows:
+        if not masked_phase(dataclasses.replace(cfg.migu, enabled=True), 0) and cfg.train.checkpoint and rows:
             shared += rows[0]["flops"] + mean_cell * len(evaluated_columns(cfg.eval.matrix, 0, n_tasks, n_phases))
     measured = flops is None
     rate = measure_flops() if measured else float(flops)

@@ -39,9 +39,14 @@ class NoMIGU:
         pass
 
 
+def masked_phase(options, index: int) -> bool:
+    """Whether MIGU masks phase `index` of a run with MIGU options `options` (first_task skip: not phase 0)."""
+    return options.enabled and not (index == 0 and options.first_task == "skip")
+
+
 def phase_migu(options, model, method, index: int) -> MIGU | NoMIGU:
     """The MIGU hooks of phase `index` of a run with MIGU options `options` (a `MiguConfig`), or `NoMIGU`."""
-    if not options.enabled or (index == 0 and options.first_task == "skip"):
+    if not masked_phase(options, index):
         return NoMIGU()
     targets = options.target_modules or method.migu_target_modules()
     return MIGU(model, threshold=options.threshold, target_modules=targets, mode=options.mode,

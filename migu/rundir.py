@@ -208,7 +208,7 @@ class RunDir:
     def keep_metrics(self, keep: Callable[[dict], bool]) -> None:
         """Rewrite metrics.jsonl with only the records for which `keep` is true (resume drops lost work)."""
         records = [r for r in self.read_metrics() if keep(r)]
-        self.write_text(METRICS, "".join(json.dumps(r, default=integrity.jsonable) + "\n" for r in records))
+        self.write_text(METRICS, _jsonl(records))
 
     # ----------------------------------------------------------------------------- checkpoints
 
@@ -246,8 +246,7 @@ class RunDir:
                     shutil.copy2(self.path / name, tmp / name)
             shutil.copytree(self.path / CHECKPOINT, tmp / CHECKPOINT)
             records = [{**r, "shared": True} for r in self.read_metrics()] + [note]  # computed by this run
-            (tmp / METRICS).write_text("".join(json.dumps(r, default=integrity.jsonable) + "\n" for r in records),
-                                       encoding="utf-8")
+            (tmp / METRICS).write_text(_jsonl(records), encoding="utf-8")
             atomic_write_text(tmp / CONFIG, config)  # last: a directory with config.yaml is a run directory
             tmp.rename(dest)
         except OSError as err:
@@ -263,6 +262,10 @@ class RunDir:
     def clean_temporaries(self) -> None:
         """Remove leftovers of writes interrupted by a kill (temporary files and checkpoint dirs)."""
         integrity.clean_temporaries(self.path)
+
+
+def _jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(r, default=integrity.jsonable) + "\n" for r in records)
 
 
 def read_jsonl(path: Path) -> list:
