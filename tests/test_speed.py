@@ -81,3 +81,38 @@ def test_throughput_quick_mode_writes_sane_json(tmp_path, tiny_llama_dir):
     assert limit["matmul_flops_fp32"] > 0 and limit["matmul_flops_bf16"] > 0
     assert data["model"]["flops_per_token_forward"] > 0
     assert "speedup" in proc.stdout  # the printed table
+
+
+def test_overhead_benchmark_times_migu_without_changing_it(tmp_path, tiny_llama_dir):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import overhead
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from transformers import AutoModelForCausalLM
+
+    from migu import MIGU
+
+    # the timing subclass masks exactly as MIGU does
+    masks = []
+    for cls in (MIGU, overhead.TimedMIGU):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+        migu = cls(model, threshold=0.7)
+        ids = torch.randint(0, model.config.vocab_size, (2, 8))
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss.backward()
+        masks.append(migu.mask_gradients())
+    assert masks[0].keys() == masks[1].keys()
+    assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
+    assert set(migu.spent) == {"statistics", "mask_gradients", "reset"} and migu.spent["statistics"] > 0
+
+    out = tmp_path / "overhead.json"
+    result = overhead.main(["--model", str(tiny_llama_dir), "--repeats", "1", "--batch", "2", "--length", "16",
+                            "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["full_ft_ratio"] == pytest.approx(result["full_ft_ratio"]) and data["full_ft_ratio"] > 0
+    for prefix in ("full_ft", "lora"):
+        assert 0 < data[f"{prefix}_own_share"] < 1, prefix
+        own = data[f"{prefix}_times"]["own_cpu"]
+        assert set(own) == {"statistics", "mask_gradients", "reset"} and len(own["statistics"]) == 2  # 2 MIGU steps
+    assert data["answer_tokens"] == 3 and data["extra_bytes"] > 0
