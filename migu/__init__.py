@@ -1,5 +1,13 @@
 """migu: continual learning of language models with MIGU (magnitude-based gradient updating)."""
 
+import os
+
+# Transparent huge pages for torch's large CPU buffers (torch reads this once, at its first allocation): every
+# training step allocates ~1 GB of fresh gradient, cast and activation memory, and faulting it in 4 KB pages
+# cost ~10% of a SmolLM2 step on 2 CPU cores; results are bit-identical. Set it to 0 to opt out; no effect
+# when torch allocated tensors before migu was imported.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 from migu.core import MIGU, keep_count
 
 __version__ = "0.1.0"

@@ -116,3 +116,40 @@ def test_overhead_benchmark_times_migu_without_changing_it(tmp_path, tiny_llama_
         own = data[f"{prefix}_times"]["own_cpu"]
         assert set(own) == {"statistics", "mask_gradients", "reset"} and len(own["statistics"]) == 2  # 2 MIGU steps
     assert data["answer_tokens"] == 3 and data["extra_bytes"] > 0
+
+
+_FAULTS = """
+import os, resource, sys
+import migu, torch
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+x = torch.zeros(32 * 2 ** 20 // 4)  # 32 MB, freshly mapped
+print(os.environ["THP_MEM_ALLOC_ENABLE"], resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+"""
+
+
+def _thp_mode() -> str:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "absent"
+    return text.split("[")[1].split("]")[0] if "[" in text else "absent"
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1"), ("0", "0")])
+def test_importing_migu_turns_on_huge_pages_for_torch_unless_told_not_to(preset, expected):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    proc = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    value, faults = proc.stdout.split()
+    assert value == expected
+    mode = _thp_mode() if sys.platform == "linux" else "absent"
+    # 32 MB in 4 KB pages is 8192 faults, in 2 MB huge pages a few dozen; "madvise": only what torch asks for
+    if expected == "1" and mode in ("madvise", "always"):
+        assert int(faults) < 8192, faults
+    if expected == "0" and mode == "madvise":
+        assert int(faults) >= 8000, faults
