@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from migu import MIGU
-from migu.distributed import StepRunner
+from migu.distributed import StepRunner, resolve_attention
+from migu.models import set_attention
 from migu.steps import adamw, step_loss
 
 
@@ -76,6 +77,7 @@ class TimedMIGU(MIGU):
 def step_fn(model, params, batch, migu, precision="fp32"):
     """The runner's step: answer-token loss (`step_loss`, logits only where an answer is), MIGU, clip, fused AdamW."""
     runner = StepRunner(model, torch.device("cpu"), precision)  # bf16: autocast, fp32 weights and optimizer
+    set_attention(model, resolve_attention("auto", torch.device("cpu"), precision))  # the runner's kernel
     opt = adamw(params, 1e-5, 0.0)
 
     def step():

@@ -4,8 +4,10 @@
     python benchmarks/throughput.py --quick --model DIR  # a few steps (the test runs it on the tiny model)
 
 Both paths run in one process, interleaved (A B B A ...), so machine noise hits them alike:
-  * naive: fp32, evaluation with HF `generate` from scratch per batch (rank: every label's full sequence);
-  * default: `train.precision: auto` as resolved here, evaluation with the shared-prefix KV cache.
+  * naive: fp32, the model's own attention (sdpa), evaluation with HF `generate` from scratch per batch
+    (rank: every label's full sequence);
+  * default: `train.precision: auto` and `model.attention: auto` as resolved here, evaluation with the
+    shared-prefix KV cache.
 Training paths: full fine-tuning and LoRA (seq-ft / seq-lora setups), each without and with MIGU; every
 step is the runner's (`step_loss` under `StepRunner`'s autocast, MIGU mask, clipping, fused AdamW).
 Evaluation paths: greedy generation and label ranking on benchmark test prompts.
@@ -37,7 +39,7 @@ from migu.core import MIGU  # noqa: E402
 from migu.data import Example, Task, build_prompt, collate, encode  # noqa: E402
 from migu.evaluate import evaluate_task  # noqa: E402
 from migu.methods import get_method  # noqa: E402
-from migu.models import load_model_and_tokenizer  # noqa: E402
+from migu.models import load_model_and_tokenizer, set_attention  # noqa: E402
 from migu.steps import adamw, step_loss  # noqa: E402
 
 TRAIN_PATHS = [("train_full_ft", "seq-ft", False), ("train_full_ft_migu", "seq-ft", True),
@@ -86,6 +88,7 @@ def train_setup(model_name: str, method_name: str, with_migu: bool, precision: s
     cfg = load_config(None, [f"method.name={method_name}"])
     method = get_method(method_name)(cfg.method_options)
     model, tok = load_model_and_tokenizer(model_name)
+    set_attention(model, distributed.resolve_attention("auto", torch.device("cpu"), precision))  # the runner's
     model = method.setup(model)
     model.train()
     params = method.trainable_parameters(model)
@@ -174,13 +177,17 @@ def main(argv=None) -> dict:
         del steps
 
     model.eval()
+    plain_kernel = model.config._attn_implementation  # the model's own (sdpa), as loaded
+    default_kernel = distributed.resolve_attention("auto", torch.device("cpu"), precision)
     prompt_tokens = sum(len(tok(e.prompt)["input_ids"]) for e in eval_task.test) / len(eval_task.test)
     for mode in ("generate", "rank"):
         def naive(mode=mode):
+            model.set_attn_implementation(plain_kernel)
             evaluate_task(model, tok, eval_task, mode=mode, batch_size=16, max_length=args.max_length,
                           prefix_cache=False)
 
         def default(mode=mode):
+            set_attention(model, default_kernel)
             with distributed.autocast(torch.device("cpu"), precision):
                 evaluate_task(model, tok, eval_task, mode=mode, batch_size=16, max_length=args.max_length)
 

@@ -20,7 +20,7 @@ from migu import fsdp, preemption
 from migu.config import load_config
 from migu.integrity import Checkpoint, RunDirError
 from migu.methods import get_method
-from migu.models import load_model_and_tokenizer
+from migu.models import load_model_and_tokenizer, set_attention
 from migu.rundir import CONFIG, RunDir
 
 
@@ -97,6 +97,7 @@ def load_trained(run_dir: str | Path, base: bool = False):
     cfg = load_config(run_dir / CONFIG)
     method = get_method(cfg.method.name)(cfg.method_options)
     model, tokenizer = load_model_and_tokenizer(cfg.model.name)
+    set_attention(model, None if cfg.model.attention == "auto" else cfg.model.attention)  # as the run trained
     ckpt: Optional[Checkpoint] = None if base else RunDir(run_dir).load_latest()  # verified, as on resume
     source = f"base model {cfg.model.name}"
     if ckpt is not None:

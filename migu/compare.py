@@ -22,7 +22,7 @@ from migu import distributed
 from migu.config import RunConfig, to_yaml
 from migu.masking import masked_phase
 from migu.metrics import METRIC_KEYS
-from migu.models import load_model_and_tokenizer
+from migu.models import load_model_and_tokenizer, set_attention
 from migu.provenance import provenance
 from migu.rundir import RunDir
 from migu.scenarios import (absolute_paths, format_perplexity_comparison, format_perplexity_matrix, get_scenario,
@@ -63,6 +63,8 @@ def run_comparison(cfg: RunConfig, path: Path, train_one: Callable[..., dict], *
         # bad data or a bad model fails here, before anything is deleted; the model goes to the first run
         get_scenario(cfg).load_tasks()
         preloaded = load_model_and_tokenizer(cfg.model.name)
+        set_attention(preloaded[0], distributed.resolve_attention(  # an unusable kernel fails here too
+            cfg.model.attention, distributed.resolve_device(cfg.train.device), cfg.train.precision))
         parent = RunDir.create(path, overwrite=overwrite)
         parent.write_config(to_yaml(absolute_paths(dataclasses.replace(cfg, output_dir=str(path))), provenance()))
     try:

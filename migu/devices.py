@@ -74,6 +74,17 @@ def resolve_precision(setting: str, device: torch.device, cuda_bf16: Optional[bo
     return "bf16" if ok else "fp32"
 
 
+def resolve_attention(setting: str, device: torch.device, precision: str) -> Optional[str]:
+    """`model.attention` as it runs: `auto` → `eager` on a CPU under bf16, None (the model's default) elsewhere.
+
+    On CPU, torch's flash-attention kernel is slow in bf16 backward (50 ms a layer for SmolLM2 at 8 × 128
+    tokens, more than its MLP); the plain matmul attention is faster there, and slower in fp32.
+    """
+    if setting != "auto":
+        return setting
+    return "eager" if device.type == "cpu" and precision == "bf16" else None
+
+
 def precision_problem(precision: str, device: torch.device) -> Optional[str]:
     """Why `precision` cannot run on `device` (one line naming the key), or None."""
     if precision == "fp16" and device.type != "cuda":

@@ -45,12 +45,13 @@ import torch
 import torch.distributed as dist
 
 from migu.devices import (PRECISIONS, _accelerate_engine, autocast, cpu_has_bf16, launched_rank,  # noqa: F401
-                          launched_world_size, precision_problem, resolve_device, resolve_precision)
+                          launched_world_size, precision_problem, resolve_attention, resolve_device,
+                          resolve_precision)
 
 __all__ = ["DistributedError", "session", "is_initialized", "rank", "world_size", "local_rank",
            "is_main_process", "resolve_device", "precision_problem", "barrier", "sum_over_ranks",
            "gather_objects", "check_replicas", "shard_rows", "StepRunner", "evaluate_sharded",
-           "combine_records", "autocast", "resolve_precision", "cpu_has_bf16"]
+           "combine_records", "autocast", "resolve_precision", "resolve_attention", "cpu_has_bf16"]
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 

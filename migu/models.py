@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -168,6 +169,21 @@ def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype = torch.float
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def set_attention(model, kernel: Optional[str], key: str = "model.attention") -> Optional[str]:
+    """Switch `model` (an HF model) to the attention `kernel` (None: keep its own); returns the kernel it runs.
+
+    Raises:
+        ModelError: the model does not support `kernel` (the message names `key`).
+    """
+    if kernel is not None:
+        try:
+            model.set_attn_implementation(kernel)
+        except (ValueError, ImportError, AttributeError) as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelError(f"{key}={kernel}: {type(model).__name__} cannot use it: {first_line}") from err
+    return getattr(getattr(model, "config", None), "_attn_implementation", kernel)
 
 
 _SPECIALS = {"eos_token": "<|endoftext|>", "pad_token": "<pad>", "bos_token": "<s>", "unk_token": "<unk>"}

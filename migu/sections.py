@@ -44,9 +44,12 @@ class ModelConfig:
 
     name: str = "smollm2-135m"
     """`smollm2-135m` (the embedded SmolLM2-135M-Instruct), a local model directory, or a cached hub id."""
+    attention: str = "auto"
+    """Attention kernel (HF `attn_implementation`): `auto` = `eager` on a CPU under bf16 (torch's CPU flash-attention backward made a SmolLM2 training step ×1.15 slower there), the model's default (`sdpa`) elsewhere; or `sdpa`, `eager`, any kernel the model supports. The resolved value is recorded in config.yaml and summary.json."""
 
     def validate(self) -> None:
         _check(bool(self.name.strip()), "model.name", self.name, "must not be empty")
+        _check(bool(self.attention.strip()), "model.attention", self.attention, "must not be empty")
 
 
 @dataclass

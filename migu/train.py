@@ -35,7 +35,7 @@ from migu.data import collate
 from migu.masking import counting, phase_migu
 from migu.metrics import evaluated_columns
 from migu.methods import Context, get_method
-from migu.models import load_model_and_tokenizer
+from migu.models import load_model_and_tokenizer, set_attention
 from migu.provenance import provenance
 from migu.rundir import RunDir, RunDirError
 from migu.scenarios import absolute_paths, get_scenario
@@ -130,6 +130,9 @@ class _Run:
             self.preloaded = None
         else:
             model, self.tokenizer = load_model_and_tokenizer(cfg.model.name)
+        kernel = set_attention(model, distributed.resolve_attention(cfg.model.attention, self.device, cfg.train.precision))
+        if kernel:  # recorded as it runs, like the precision
+            self.cfg = cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=kernel))
         seed_everything(cfg.seed)  # after loading: the method's setup (e.g. LoRA init) starts from the seed
         self.scenario.set_model(model)  # an encoder-decoder model: seq2seq encoding (migu.data.seq2seq)
         self.scenario.prepare(self.tokenizer)  # pretrain: pack the domains into blocks
@@ -387,7 +390,7 @@ class _Run:
             "method": self.cfg.method.name,
             "method_options": dataclasses.asdict(self.cfg.method_options), "lr": self.lr,
             "migu": dataclasses.asdict(self.cfg.migu), "seed": self.cfg.seed, "model": self.cfg.model.name,
-            "precision": self.cfg.train.precision,
+            "precision": self.cfg.train.precision, "attention": self.cfg.model.attention,
             "wall_time_s": round(wall, 1), "git_commit": prov["git_commit"], "code": prov["code"], "machine": prov["machine"],
             "versions": prov["versions"],
         }

@@ -39,9 +39,18 @@ def test_resolve_precision_on_mocked_capabilities():
     assert load_config(None, []).train.precision == "auto"  # the default
 
 
-@pytest.mark.parametrize("has_bf16, expected", [(True, "bf16"), (False, "fp32")])
+def test_resolve_attention():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert distributed.resolve_attention("auto", cpu, "bf16") == "eager"  # CPU flash-attention backward is slow
+    assert distributed.resolve_attention("auto", cpu, "fp32") is None  # the model's own default
+    assert distributed.resolve_attention("auto", cuda, "bf16") is None
+    assert distributed.resolve_attention("sdpa", cpu, "bf16") == "sdpa"  # explicit settings are kept
+    assert load_config(None, []).model.attention == "auto"
+
+
+@pytest.mark.parametrize("has_bf16, expected, attention", [(True, "bf16", "eager"), (False, "fp32", "sdpa")])
 def test_resolved_precision_is_recorded_and_used_by_evaluation(tmp_path, tiny_llama_dir, monkeypatch, has_bf16,
-                                                               expected):
+                                                               expected, attention):
     import migu.train
     from migu.train import run
 
@@ -51,13 +60,37 @@ def test_resolved_precision_is_recorded_and_used_by_evaluation(tmp_path, tiny_ll
     monkeypatch.setattr(migu.train.distributed, "autocast", lambda device, p: seen.append(p) or real(device, p))
     stream = write_stream(tmp_path / "data", tasks={"colors": ["red", "blue"]})
     out = tmp_path / "run"
+    kernels = []
+    real_forward = migu.train._Run._train_phase
+
+    def spy(self, *args):
+        kernels.append(self.model.config._attn_implementation)
+        return real_forward(self, *args)
+
+    monkeypatch.setattr(migu.train._Run, "_train_phase", spy)
     cfg = tiny_config(tiny_llama_dir, stream, out, **{"train.precision": "auto", "train.device": "cpu",
                                                       "data.train_per_task": 4, "eval.untrained": False})
     summary = run(cfg, quiet=True)
     assert summary["precision"] == expected
     assert json.loads((out / "summary.json").read_text())["precision"] == expected
-    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["precision"] == expected
+    written = yaml.safe_load((out / "config.yaml").read_text())
+    assert written["train"]["precision"] == expected
     assert seen and set(seen) == {expected}  # evaluation ran under the resolved precision
+    # attention auto: eager under bf16 on CPU, the model's sdpa otherwise; recorded and used
+    assert summary["attention"] == written["model"]["attention"] == attention and kernels == [attention]
+
+
+@pytest.mark.parametrize("compare", [False, True])
+def test_a_kernel_the_model_lacks_is_a_one_line_error_before_the_run_directory(tmp_path, tiny_llama_dir, compare):
+    from migu.models import ModelError
+    from migu.train import run
+
+    stream = write_stream(tmp_path / "data", tasks={"colors": ["red", "blue"]})
+    out = tmp_path / "run"
+    cfg = tiny_config(tiny_llama_dir, stream, out, **{"model.attention": "no_such_kernel", "compare_migu": compare})
+    with pytest.raises(ModelError, match=r"^model.attention=no_such_kernel: LlamaForCausalLM cannot use it: ") as err:
+        run(cfg, quiet=True)
+    assert "\n" not in str(err.value) and not out.exists()
 
 
 def test_throughput_quick_mode_writes_sane_json(tmp_path, tiny_llama_dir):
