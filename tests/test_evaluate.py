@@ -195,6 +195,23 @@ def test_prefix_cache_predictions_equal_the_naive_path(kind, max_length, request
         assert cached.samples == naive.samples and cached.correct == naive.correct, mode
 
 
+def test_prefix_cache_predictions_equal_the_naive_path_with_eager_attention(tiny_llama):
+    # model.attention auto picks eager on a CPU under bf16: the cached path must match there too
+    model, tok = tiny_llama
+    kernel = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        task = _news_task(8)
+        for mode in ("generate", "rank"):
+            naive = evaluate_task(model, tok, task, mode=mode, batch_size=3, max_length=200, n_samples=8,
+                                  prefix_cache=False)
+            cached = evaluate_task(model, tok, task, mode=mode, batch_size=3, max_length=200, n_samples=8)
+            assert cached.samples == naive.samples and cached.correct == naive.correct, mode
+    finally:
+        model.set_attn_implementation(kernel)
+    assert model.config._attn_implementation == kernel
+
+
 def test_prefix_rank_scores_equal_naive_scores(tiny_llama):
     model, tok = tiny_llama
     from migu.evaluate import sequence_logprobs
