@@ -134,8 +134,7 @@ def load_config(name_or_path: str):
     try:
         return AutoConfig.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"cannot load the config of model {name_or_path!r}: {first_line}") from err
+        raise ModelError(f"cannot load the config of model {name_or_path!r}: {_first_line(err)}") from err
 
 
 def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype = torch.float32):
@@ -164,11 +163,15 @@ def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype = torch.float
     except ModelError:
         raise
     except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"cannot load model {name_or_path!r}: {first_line}") from err
+        raise ModelError(f"cannot load model {name_or_path!r}: {_first_line(err)}") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _first_line(err: BaseException) -> str:
+    """An exception's first message line (its type name when it has none), for one-line ModelErrors."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def set_attention(model, kernel: Optional[str], key: str = "model.attention") -> Optional[str]:
@@ -181,8 +184,7 @@ def set_attention(model, kernel: Optional[str], key: str = "model.attention") ->
         try:
             model.set_attn_implementation(kernel)
         except (ValueError, ImportError, AttributeError) as err:
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ModelError(f"{key}={kernel}: {type(model).__name__} cannot use it: {first_line}") from err
+            raise ModelError(f"{key}={kernel}: {type(model).__name__} cannot use it: {_first_line(err)}") from err
     return getattr(getattr(model, "config", None), "_attn_implementation", kernel)
 
 
