@@ -11,8 +11,10 @@ median(with) / median(without) is the headline because it is robust to other pro
 (wall-time ratios are reported beside it). Beside the ratio, MIGU's own CPU time inside each step (its
 forward hooks, `mask_gradients` and `reset`, timed where they run) over the plain step's: on a machine
 whose step times vary ±15% between repetitions this share is the stable reading of the overhead (it
-leaves out indirect costs, e.g. caches the hooks evict). Writes JSON
-``{"full_ft_ratio", "full_ft_own_share", "lora_ratio", "lora_own_share", "extra_bytes", ...}`` to ``--out``.
+leaves out indirect costs, e.g. caches the hooks evict). The same share in wall time (`own_wall_share`) is
+what MIGU adds to a step's duration (its parts run inline); it is lower than the CPU share where idle
+OpenMP threads spin through MIGU's serial Python. Writes JSON ``{"full_ft_ratio", "full_ft_own_share",
+"full_ft_own_wall_share", "lora_ratio", "lora_own_share", "lora_own_wall_share", "extra_bytes", ...}``.
 """
 
 from __future__ import annotations
@@ -49,19 +51,24 @@ def load(random_init: bool, model_dir: str | None = None):
 
 
 class TimedMIGU(MIGU):
-    """MIGU whose forward hooks, mask_gradients and reset add their process CPU time to `spent[part]`."""
+    """MIGU whose forward hooks, mask_gradients and reset add their process CPU time to `spent[part]`
+    and their wall time to `spent_wall[part]` (they run inline in the step, so wall time is what they add)."""
+
+    PARTS = ("statistics", "mask_gradients", "reset")
 
     def __init__(self, *args, **kwargs):
-        self.spent = dict.fromkeys(("statistics", "mask_gradients", "reset"), 0.0)
+        self.spent = dict.fromkeys(self.PARTS, 0.0)
+        self.spent_wall = dict.fromkeys(self.PARTS, 0.0)
         super().__init__(*args, **kwargs)
 
     def _timed(self, part, fn):
         def timed(*args):
-            c0 = time.process_time()
+            c0, t0 = time.process_time(), time.perf_counter()
             try:
                 return fn(*args)
             finally:
                 self.spent[part] += time.process_time() - c0
+                self.spent_wall[part] += time.perf_counter() - t0
         return timed
 
     def _make_hook(self, unit):
@@ -101,19 +108,21 @@ def measure(model, params, batch, repeats, threshold, precision="fp32"):
     times = {"plain": [], "migu": []}
     cpu = {"plain": [], "migu": []}
     own = {part: [] for part in migu.spent}  # MIGU's own CPU time in each MIGU step, by part
+    own_wall = {part: [] for part in migu.spent}
     migu.enabled = False
     step()  # warm-up (allocator, optimizer state)
     order = ["plain", "migu", "migu", "plain"]
     for r in range(repeats):
         for cond in order if r % 2 == 0 else order[::-1]:
             migu.enabled = cond == "migu"
-            migu.spent = dict.fromkeys(migu.spent, 0.0)
+            migu.spent, migu.spent_wall = dict.fromkeys(migu.PARTS, 0.0), dict.fromkeys(migu.PARTS, 0.0)
             wall, used = step()
             times[cond].append(wall)
             cpu[cond].append(used)
             if cond == "migu":
-                for part, seconds in migu.spent.items():
-                    own[part].append(seconds)
+                for part in migu.PARTS:
+                    own[part].append(migu.spent[part])
+                    own_wall[part].append(migu.spent_wall[part])
     extra = migu.extra_bytes()
     units = sum(u.size for u in migu.units)
     migu.remove()
@@ -121,10 +130,11 @@ def measure(model, params, batch, repeats, threshold, precision="fp32"):
     ratio = med(cpu["migu"]) / med(cpu["plain"])
     wall_ratio = med(times["migu"]) / med(times["plain"])
     share = med([sum(parts) for parts in zip(*own.values())]) / med(cpu["plain"])
+    wall_share = med([sum(parts) for parts in zip(*own_wall.values())]) / med(times["plain"])
     print("  MIGU's own CPU time a step: " + ", ".join(f"{part} {1e3 * med(v):.0f} ms" for part, v in own.items())
-          + f" (a step without MIGU: {med(cpu['plain']):.2f} s)")
-    return ratio, {"wall": times, "cpu": cpu, "own_cpu": own, "wall_ratio": wall_ratio, "own_share": share}, extra, \
-        units, len(migu.units)
+          + f" (a step without MIGU: {med(cpu['plain']):.2f} s); own wall time {100 * wall_share:.1f}% of a step")
+    return ratio, {"wall": times, "cpu": cpu, "own_cpu": own, "own_wall": own_wall, "wall_ratio": wall_ratio,
+                   "own_share": share, "own_wall_share": wall_share}, extra, units, len(migu.units)
 
 
 def main(argv=None):
@@ -156,7 +166,8 @@ def main(argv=None):
               "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"}
     ratio, times, extra, units, layers = measure(model, list(model.parameters()), batch, args.repeats, args.threshold,
                                                    args.precision)
-    result.update(full_ft_ratio=ratio, full_ft_own_share=times["own_share"], full_ft_times=times, extra_bytes=extra,
+    result.update(full_ft_ratio=ratio, full_ft_own_share=times["own_share"],
+                  full_ft_own_wall_share=times["own_wall_share"], full_ft_times=times, extra_bytes=extra,
                   full_ft_units=units, full_ft_layers=layers, bound_bytes=4 * units + 8 * layers)
     print(f"full FT: ×{ratio:.3f} CPU time (×{times['wall_ratio']:.3f} wall; MIGU's own work "
           f"{100 * times['own_share']:.1f}% of a step), "
@@ -167,7 +178,8 @@ def main(argv=None):
     lora = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
     params = [q for q in lora.parameters() if q.requires_grad]
     ratio, times, extra, units, layers = measure(lora, params, batch, args.repeats, args.threshold, args.precision)
-    result.update(lora_ratio=ratio, lora_own_share=times["own_share"], lora_times=times, lora_extra_bytes=extra,
+    result.update(lora_ratio=ratio, lora_own_share=times["own_share"], lora_own_wall_share=times["own_wall_share"],
+                  lora_times=times, lora_extra_bytes=extra,
                   lora_units=units, lora_layers=layers)
     print(f"LoRA:    ×{ratio:.3f} CPU time (×{times['wall_ratio']:.3f} wall; MIGU's own work "
           f"{100 * times['own_share']:.1f}% of a step), "

@@ -1,6 +1,7 @@
 """Speed features: `train.precision: auto` (resolution and recording) and the throughput benchmark's quick mode."""
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -145,9 +146,14 @@ def test_overhead_benchmark_times_migu_without_changing_it(tmp_path, tiny_llama_
     data = json.loads(out.read_text())
     assert data["full_ft_ratio"] == pytest.approx(result["full_ft_ratio"]) and data["full_ft_ratio"] > 0
     for prefix in ("full_ft", "lora"):
-        assert 0 < data[f"{prefix}_own_share"] < 1, prefix
-        own = data[f"{prefix}_times"]["own_cpu"]
-        assert set(own) == {"statistics", "mask_gradients", "reset"} and len(own["statistics"]) == 2  # 2 MIGU steps
+        assert 0 < data[f"{prefix}_own_share"] < 1 and 0 < data[f"{prefix}_own_wall_share"] < 1, prefix
+        times = data[f"{prefix}_times"]
+        for own in (times["own_cpu"], times["own_wall"]):
+            assert set(own) == {"statistics", "mask_gradients", "reset"} and len(own["statistics"]) == 2  # 2 steps
+        # the share is the median own time of a MIGU step over the median plain step
+        wall_share = statistics.median(map(sum, zip(*times["own_wall"].values()))) / statistics.median(
+            times["wall"]["plain"])
+        assert data[f"{prefix}_own_wall_share"] == pytest.approx(wall_share)
     assert data["answer_tokens"] == 3 and data["extra_bytes"] > 0
 
 
