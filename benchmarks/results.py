@@ -504,6 +504,16 @@ def _fmt(values, signed: bool = False):
     return f"{statistics.mean(values):{sign}.1f} ± {statistics.stdev(values):.1f}"
 
 
+def _ci(values, level: float = 0.95) -> str:
+    """Student-t confidence interval of the mean paired difference: does it exclude 0?"""
+    from scipy import stats
+
+    if len(values) < 2:
+        return "–"
+    low, high = stats.t.interval(level, len(values) - 1, loc=statistics.mean(values), scale=stats.sem(values))
+    return f"[{low:+.1f}, {high:+.1f}]"
+
+
 TITLES = {
     "table1": "Table 1 — standard benchmark (4 tasks): methods without and with MIGU (T=0.7)",
     "table2": "Table 2 — long benchmark (15 tasks): methods without and with MIGU (T=0.7)",
@@ -605,7 +615,8 @@ def _diffs(pairs, key) -> list[float]:
 
 
 def delta_lines(runs: list[dict]) -> list[str]:
-    """The paired MIGU − reference table: Δ AA, Δ BWT and Δ learned R[i][i] (mean ± sample std over seeds)."""
+    """The paired MIGU − reference table: Δ AA (with its t-interval), Δ BWT and Δ learned R[i][i] (mean ± sample
+    std over seeds)."""
     deltas = paired_deltas(runs)
     if not deltas:
         return []
@@ -617,12 +628,13 @@ def delta_lines(runs: list[dict]) -> list[str]:
             deltas.append({"order": "all " + ",".join(str(d["order"]) for d in ds), "method": method, "t": t,
                            "variant": variant, "ref": ref, "pairs": [p for d in ds for p in d["pairs"]]})
     rows = [f"| {d['order']} | {d['method']} | {_label(d['t'], d['variant'])} | {len(d['pairs'])} | "
-            f"{_fmt(_diffs(d['pairs'], 'aa'), True)} | {_fmt(_diffs(d['pairs'], 'bwt'), True)} | "
+            f"{_fmt(_diffs(d['pairs'], 'aa'), True)} | {_ci(_diffs(d['pairs'], 'aa'))} | "
+            f"{_fmt(_diffs(d['pairs'], 'bwt'), True)} | "
             f"{_fmt(_diffs(d['pairs'], 'diag'), True)} | {sum(g['aa'] > b['aa'] for b, g in d['pairs'])}/"
             f"{len(d['pairs'])} |" for d in deltas]
     return [f"MIGU − {' / '.join(sorted({d['ref'] for d in deltas}))}, paired by seed:", "",
-            "| order | method | MIGU T | pairs | Δ AA | Δ BWT | Δ learned R[i][i] | MIGU AA higher |",
-            "|---|---|---|---|---|---|---|---|", *rows, ""]
+            "| order | method | MIGU T | pairs | Δ AA | Δ AA 95% CI | Δ BWT | Δ learned R[i][i] | MIGU AA higher |",
+            "|---|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def plot_deltas(runs: list[dict], title: str):

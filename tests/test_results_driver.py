@@ -80,7 +80,7 @@ def test_render_groups_seeds_and_pairs_migu_with_base(tmp_path):
     assert "| 1 | seq-lora | 0.7 | 0.001 | 0,1 | 46.5 ± 2.1 | -5.0 ± 1.4 |" in text
     # paired deltas: AA +5, −2 → +1.5 ± 4.9; BWT +6, +14 → +10.0 ± 5.7; MIGU higher in 1 of 2
     assert "MIGU − no MIGU, paired by seed" in text
-    assert "| 1 | seq-lora | 0.7 | 2 | +1.5 ± 4.9 | +10.0 ± 5.7 | +0.0 ± 0.0 | 1/2 |" in text
+    assert "| 1 | seq-lora | 0.7 | 2 | +1.5 ± 4.9 | [-43.0, +46.0] | +10.0 ± 5.7 | +0.0 ± 0.0 | 1/2 |" in text
     assert "`data.train_per_task=64`" in text and "`seed=" not in text and "code versions: abc1234" in text
     assert "| table1 | 1 | seq-lora | 1 | 2 / 2 | 105 | 110 | ×1.05 |" in text
     assert "Table 2" in text and "Not run yet." in text
@@ -105,6 +105,9 @@ def test_paired_deltas_are_also_pooled_over_orders(tmp_path):
     sd = statistics.stdev([5.0, -2.0, 3.0])
     assert f"| all 1,2 | seq-lora | 0.7 | 3 | +2.0 ± {sd:.1f} |" in text and text.count("| all") == 1
     assert text.splitlines()[-1].endswith("| 2/3 |")
+    # Student-t 95% intervals of the mean Δ AA: n=2 (t=12.71) and n=3 (t=4.30); one pair has none
+    assert "| +1.5 ± 4.9 | [-43.0, +46.0] |" in text and f"| +2.0 ± {sd:.1f} | [-7.0, +11.0] |" in text
+    assert "| +3.0 | – |" in text
     assert "| all" not in "\n".join(results.delta_lines(runs[:4]))  # one order: nothing to pool
 
 
@@ -120,7 +123,7 @@ def test_threshold_ablation_figure(tmp_path):
     assert stats[1]["aa_std"] is None  # one seed: no spread, not zero
     # no run without MIGU: T = 0 (plain training) is the reference, paired by seed (seed 0 only for T = 0.7)
     text = results.render(tmp_path).read_text()
-    assert "MIGU − T = 0, paired by seed" in text and "| 1 | seq-ft | 0.7 | 1 | -10.0 | +0.0 | +0.0 | 0/1 |" in text
+    assert "MIGU − T = 0, paired by seed" in text and "| 1 | seq-ft | 0.7 | 1 | -10.0 | – | +0.0 | +0.0 | 0/1 |" in text
     fig = results.plot_table("table3", [json.loads(f.read_text()) for f in out.glob("*.json")])
     assert [len(ax.lines) > 0 for ax in fig.axes] == [True, True, True]
     assert "1/2 seed(s)" in fig.get_suptitle()
@@ -251,8 +254,8 @@ def test_ablation_rows_are_conditions_with_their_variant_paired_with_the_base(tm
                                                     (1, "seq-ft", 0.7, "first_task=mask")]
     text = "\n".join(results.delta_lines(runs))
     # default MIGU: ΔAA +2, +1; ΔBWT +4, +7; Δlearned −2, −2.  mask: ΔAA −10, −8; ΔBWT +6, +10; Δlearned −10, −10
-    assert "| 1 | seq-ft | 0.7 | 2 | +1.5 ± 0.7 | +5.5 ± 2.1 | -2.0 ± 0.0 | 2/2 |" in text
-    assert "| 1 | seq-ft | 0.7 (first_task=mask) | 2 | -9.0 ± 1.4 | +8.0 ± 2.8 | -10.0 ± 0.0 | 0/2 |" in text
+    assert "| 1 | seq-ft | 0.7 | 2 | +1.5 ± 0.7 | [-4.9, +7.9] | +5.5 ± 2.1 | -2.0 ± 0.0 | 2/2 |" in text
+    assert "| 1 | seq-ft | 0.7 (first_task=mask) | 2 | -9.0 ± 1.4 | [-21.7, +3.7] | +8.0 ± 2.8 | -10.0 ± 0.0 | 0/2 |" in text
     assert "| 1 | seq-ft | 0.7 (first_task=mask) | 0.001 | 0,1 | 43.0 ± 4.2 | -3.0 ± 1.4 |" in "\n".join(results.table_lines(runs))
     fig = results.plot_deltas(runs, "Ablation")
     assert [ax.get_xlabel().split(" (")[0] for ax in fig.axes] == ["Δ AA", "Δ BWT", "Δ learned R[i][i]"]
