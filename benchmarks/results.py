@@ -328,8 +328,9 @@ def _machine(m: dict | None) -> str:
     return f"{m['cpu']} ({m.get('cpu_capability') or '?'}, {m['cores']} cores)" if m else "not recorded"
 
 
-def reproduce_lines(root: Path = ROOT) -> list[str]:
-    files = sorted((root / "results" / "reproduce").glob("*.json"))
+def reproduce_lines(root: Path = ROOT, tables=None) -> list[str]:
+    files = sorted(f for f in (root / "results" / "reproduce").glob("*.json")
+                   if tables is None or f.name.split("--")[0] in tables)
     if not files:
         return ["Not run yet (`python benchmarks/results.py reproduce`).", ""]
     lines = ["| run | committed: code, machine | rerun: code, machine | AA committed → rerun | "
@@ -649,7 +650,7 @@ def plot_deltas(runs: list[dict], title: str):
                           for d in paired_deltas(runs) for b, g in d["pairs"]])
     fig = new_figure(13.0, 1.2 + 0.45 * frame.condition.nunique())
     for ax, key in zip(fig.subplots(1, 3, sharey=True), ("Δ AA", "Δ BWT", "Δ learned R[i][i]")):
-        sns.stripplot(frame, x=key, y="condition", color="0.6", size=4, ax=ax)
+        sns.stripplot(frame, x=key, y="condition", color="0.6", size=4, jitter=False, ax=ax)  # same data, same image
         sns.pointplot(frame, x=key, y="condition", errorbar="sd", linestyle="none", capsize=0.2, color="C0", ax=ax)
         ax.axvline(0, color="black", linewidth=0.6)
         ax.set(xlabel=f"{key} (points, MIGU − reference)", ylabel="")
@@ -828,7 +829,7 @@ PLATEAU_TITLES = {
     "ablation": "Ablation — one MIGU option at a time (standard order 1, at the regime's size)",
     "plateau_long": "Long benchmark anew — 15 tasks (order 4), 16 steps per task, without and with MIGU",
 }
-WHAT_CHANGED = """What changed since the 8-step tables (kept at the end of this page until the plateau tables are complete),
+WHAT_CHANGED = """What changed since the 8-step tables ({where}),
 and why. Those tables trained each task for 8 steps of batch 8, where nothing reaches its plateau, so a mask
 that slows learning lowers AA whatever it does for retention; and they masked the first task, which the
 paper's code never does (`--is_first_task`). The tables below (1) leave the first task unmasked
@@ -838,6 +839,19 @@ curve is measured first (Regime), at a learning rate chosen once per method on o
 and the tables use its plateau size, or the largest size the data allow while the curve still rises;
 (4) test on 100 examples per task (±5 points a cell instead of ±8). Every run of these tables ran one code
 version (the fingerprint of migu's sources is printed with each table)."""
+
+
+WHERE_8STEP = ("kept at the end of this page until the plateau tables are complete",
+               "no longer shown: their summaries stay in `results/table1`–`table3/`, this page's git history shows them")
+
+
+def plateau_complete(root: Path = ROOT) -> bool:
+    """Every run of every plateau table's grid is committed: then they replace the 8-step tables on the page."""
+    for table in PLATEAU_TITLES:
+        grid = _grid(table, root)
+        if not grid or not set(grid) <= {r["run"] for r in table_runs(table, root)}:
+            return False
+    return True
 
 
 def _grid(table: str, root: Path) -> list[str] | None:
@@ -888,23 +902,44 @@ def plateau_lines(root: Path = ROOT) -> list[str]:
     return lines
 
 
+def overhead_lines(root: Path = ROOT) -> list[str]:
+    """One line per committed `benchmarks/overhead.py` result (fp32 before bf16 became the default, bf16 now)."""
+    lines = []
+    for f in sorted((root / "results" / "overhead").glob("overhead*.json")):
+        o = json.loads(f.read_text())
+        line = (f"- {o.get('precision', 'fp32')} (`results/overhead/{f.name}`; batch {o['batch']}×{o['length']}, "
+                f"T={o['threshold']}, {o['threads']} threads): step-time ratio with / without MIGU, CPU time "
+                f"interleaved in one process, full FT ×{o['full_ft_ratio']:.3f}, LoRA ×{o['lora_ratio']:.3f}")
+        if "full_ft_own_wall_share" in o:  # MIGU's parts timed inside the step: less noisy than the ratio
+            line += (f"; MIGU's own time a step, CPU / wall, full FT {100 * o['full_ft_own_share']:.1f}% / "
+                     f"{100 * o['full_ft_own_wall_share']:.1f}%, LoRA {100 * o['lora_own_share']:.1f}% / "
+                     f"{100 * o['lora_own_wall_share']:.1f}%")
+        lines.append(line + f"; MIGU state {o['extra_bytes']:,} bytes for {o['full_ft_units']:,} output units.")
+    return (lines or ["Overhead benchmark not run yet."]) + [""]
+
+
 def render(root: Path = ROOT) -> Path:
-    """root/docs/RESULTS.md (+ a figure per table in docs/images/) from root/results/: mean ± std over seeds."""
+    """root/docs/RESULTS.md (+ a figure per table in docs/images/) from root/results/: mean ± std over seeds.
+
+    The 8-step tables (table1–3) are shown until every plateau table is complete, then only the plateau family.
+    """
     from migu.report.plots import save
 
     results = load_results(root)
+    complete = plateau_complete(root)
     lines = ["# Results", "",
              "Generated by `python benchmarks/results.py render` from the committed summaries in `results/`;",
              "every number comes from a run of `benchmarks/results.py` on the 2-core CPU machine (torch CPU),",
              "embedded SmolLM2-135M-Instruct. Accuracies in percent (exact match of the generated answer);",
              "cells are mean ± sample standard deviation over seeds. `learned R[i][i]`: mean accuracy on each",
              "task right after training it; `untrained`: mean accuracy before any training.", "",
-             WHAT_CHANGED, "", *regime_lines(root), *plateau_lines(root),
-             "## Why MIGU can or cannot separate the tasks here: magnitude similarity", "", *evidence_lines(root),
-             "## The earlier tables: 8 steps per task", "",
-             "Made before the first task was left unmasked and before bf16 and shared-prefix evaluation; the plateau "
-             "tables above replace them as they are run.", "", WHY, ""]
-    for table, title in TITLES.items():
+             WHAT_CHANGED.format(where=WHERE_8STEP[complete]), "", *regime_lines(root), *plateau_lines(root),
+             "## Why MIGU can or cannot separate the tasks here: magnitude similarity", "", *evidence_lines(root)]
+    if not complete:
+        lines += ["## The earlier tables: 8 steps per task", "",
+                  "Made before the first task was left unmasked and before bf16 and shared-prefix evaluation; the "
+                  "plateau tables above replace them as they are run.", "", WHY, ""]
+    for table, title in ({} if complete else TITLES).items():
         runs = results[table]
         lines += [f"## {title}", "", f"`python benchmarks/results.py {table}`", ""]
         if not runs:
@@ -915,29 +950,24 @@ def render(root: Path = ROOT) -> Path:
         lines += [settings_line(runs), "", *table_lines(runs), "", *(["Notes:", *notes, ""] if notes else []),
                   *delta_lines(runs),
                   f"![{title}](images/{image.name})", ""]
+    cell = f"{100 / PLATEAU['data.test_per_task']:g} in the plateau tables"
+    if not complete:
+        cell = (f"{100 / SETTINGS['data.test_per_task']:g} points of a cell in tables 1 and 3, "
+                f"{100 / LONG['data.test_per_task']:g} in table 2, " + cell)
     lines += ["## Same numbers from every code version and machine? Reruns", "",
               "A table's runs were made over several sessions, so at several commits and possibly on different "
               "machines of the same 2-core kind (a CPU with other vector units runs other float kernels). "
               "`python benchmarks/results.py reproduce` reruns the cheapest run of each table's oldest code "
-              "version with the current code and compares the accuracy matrix cell by cell (one test example "
-              f"is {100 / SETTINGS['data.test_per_task']:g} points of a cell in tables 1 and 3, "
-              f"{100 / LONG['data.test_per_task']:g} in table 2, {100 / PLATEAU['data.test_per_task']:g} in the "
-              "plateau tables):", "", *reproduce_lines(root)]
+              f"version with the current code and compares the accuracy matrix cell by cell (one test example "
+              f"is {cell}):", "", *reproduce_lines(root, PLATEAU_FAMILY if complete else None)]
     lines += ["## Table 4 — cost", "",
-              "`python benchmarks/overhead.py` (step time) and the wall times of the runs above.", ""]
-    over = root / "results" / "overhead" / "overhead.json"
-    if over.exists():
-        o = json.loads(over.read_text())
-        lines += [f"MIGU step-time ratio (CPU time, interleaved in one process, batch {o['batch']}×{o['length']}, "
-                  f"T={o['threshold']}, {o['threads']} threads): **full FT ×{o['full_ft_ratio']:.3f}, LoRA "
-                  f"×{o['lora_ratio']:.3f}**; MIGU state {o['extra_bytes']:,} bytes for {o['full_ft_units']:,} "
-                  "output units.", ""]
-    else:
-        lines += ["Overhead benchmark not run yet.", ""]
+              "`python benchmarks/overhead.py` (step time) and the wall times of the runs above.", "",
+              *overhead_lines(root)]
+    shown = {} if complete else results
     lines += ["Wall time per run (training + every evaluation, mean over seeds), base vs MIGU (T=0.7) under the same",
               "conditions: `default` = one run alone on the 2 cores (2 torch threads); `1` = two 1-thread runs side",
               "by side (`--shard 0/2`, `--shard 1/2`, `--threads 1`), slower per run.", "",
-              *wall_lines({**results, **{t: table_runs(t, root) for t in PLATEAU_TITLES}}), ""]
+              *wall_lines({**shown, **{t: table_runs(t, root) for t in PLATEAU_TITLES}}), ""]
     out = root / "docs" / "RESULTS.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

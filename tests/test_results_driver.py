@@ -478,3 +478,55 @@ def test_a_run_of_the_same_code_is_trained(tmp_path, monkeypatch):
     name, sets = results._plateau_run("seq-ft", 64, 5e-5)
     results.run_table("regime", [(name, sets)], list_only=False, root=tmp_path)
     assert trained == [name]
+
+
+def _reproduced(root, table, run):
+    side = {"code_version": "abc1234", "machine": None, "aa": 50.0, "bwt": -1.0}
+    path = root / "results" / "reproduce" / f"{table}--{run}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"table": table, "run": run, "original": side, "rerun": side, "cells": 20,
+                                "cells_differing": 0, "max_abs_cell_diff": 0.0}))
+
+
+def test_the_8_step_tables_leave_the_page_once_every_plateau_table_is_complete(tmp_path, monkeypatch):
+    for table in ("table1", *results.PLATEAU_TITLES):
+        for migu in (False, True):
+            r = {**_summary("seq-ft", migu, 0, 45.0 if migu else 40.0, -5.0, 100.0), "table": table, "code": "f00d",
+                 "run": f"o1-seq-ft-{'migu0.7' if migu else 'base'}-s0"}
+            _write(tmp_path, r)
+    _reproduced(tmp_path, "table1", "o1-seq-lora-base-s0")
+    _reproduced(tmp_path, "lr", "o1-seq-ft-lr1e-5-n400-s0")
+    done = ["o1-seq-ft-base-s0", "o1-seq-ft-migu0.7-s0"]
+    monkeypatch.setattr(results, "_grid", lambda table, root: done)
+    assert results.plateau_complete(tmp_path)
+    text = results.render(tmp_path).read_text()
+    assert "What changed since the 8-step tables (no longer shown:" in text
+    assert "## The earlier tables" not in text and "## Table 1 — standard benchmark" not in text
+    assert "| lr/o1-seq-ft-lr1e-5-n400-s0 |" in text and "| table1/" not in text
+    assert "| plateau1 | 1 | seq-ft | 1 | 1 / 1 | 100 | 100 | ×1.00 |" in text and "| table1 | 1 |" not in text
+    assert "2.5 points of a cell" not in text and "one test example is 1 in the plateau tables" in text
+    # one run of one plateau grid still to run: the 8-step tables stay, as before
+    monkeypatch.setattr(results, "_grid", lambda table, root: done + (["o1-seq-ft-base-s1"] if table == "ablation" else []))
+    assert not results.plateau_complete(tmp_path)
+    text = results.render(tmp_path).read_text()
+    assert "(kept at the end of this page until the plateau tables are complete)" in text
+    assert "## The earlier tables" in text and "## Table 1 — standard benchmark" in text
+    assert "| table1/o1-seq-lora-base-s0 |" in text and "| table1 | 1 | seq-ft | 1 | 1 / 1 |" in text
+    assert "**2 of 3 runs done; the rows below are partial** (to run: o1-seq-ft-base-s1)." in text
+
+
+def test_cost_section_lists_each_overhead_measurement_with_its_precision(tmp_path):
+    common = {"batch": 8, "length": 128, "threshold": 0.7, "threads": 2, "extra_bytes": 1000, "full_ft_units": 10}
+    out = tmp_path / "results" / "overhead"
+    out.mkdir(parents=True)
+    (out / "overhead.json").write_text(json.dumps({**common, "full_ft_ratio": 1.024, "lora_ratio": 1.0}))
+    (out / "overhead-bf16.json").write_text(json.dumps({
+        **common, "precision": "bf16", "full_ft_ratio": 0.975, "lora_ratio": 0.989, "full_ft_own_share": 0.0377,
+        "full_ft_own_wall_share": 0.0369, "lora_own_share": 0.0127, "lora_own_wall_share": 0.0123}))
+    lines = results.overhead_lines(tmp_path)
+    assert lines[0].startswith("- bf16 (`results/overhead/overhead-bf16.json`; batch 8×128, T=0.7, 2 threads)")
+    assert "full FT ×0.975, LoRA ×0.989; MIGU's own time a step, CPU / wall, full FT 3.8% / 3.7%, LoRA 1.3% / 1.2%;" \
+        in lines[0]
+    assert lines[1].startswith("- fp32 (`results/overhead/overhead.json`") and "own time" not in lines[1]
+    assert lines[1].endswith("full FT ×1.024, LoRA ×1.000; MIGU state 1,000 bytes for 10 output units.")
+    assert results.overhead_lines(tmp_path / "none") == ["Overhead benchmark not run yet.", ""]
