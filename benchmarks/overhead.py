@@ -12,9 +12,10 @@ median(with) / median(without) is the headline because it is robust to other pro
 forward hooks, `mask_gradients` and `reset`, timed where they run) over the plain step's: on a machine
 whose step times vary ±15% between repetitions this share is the stable reading of the overhead (it
 leaves out indirect costs, e.g. caches the hooks evict). The same share in wall time (`own_wall_share`) is
-what MIGU adds to a step's duration (its parts run inline); it is lower than the CPU share where idle
-OpenMP threads spin through MIGU's serial Python. Writes JSON ``{"full_ft_ratio", "full_ft_own_share",
-"full_ft_own_wall_share", "lora_ratio", "lora_own_share", "lora_own_wall_share", "extra_bytes", ...}``.
+what MIGU adds to a step's duration (its parts run inline); it can differ from the CPU share, since idle
+OpenMP threads spin through MIGU's serial Python. Writes JSON to ``--out``: ``{"full_ft_ratio",
+"full_ft_own_share", "full_ft_own_wall_share", "lora_ratio", "lora_own_share", "lora_own_wall_share",
+"extra_bytes", ...}``.
 """
 
 from __future__ import annotations
@@ -107,8 +108,8 @@ def measure(model, params, batch, repeats, threshold, precision="fp32"):
     step = step_fn(model, params, batch, migu, precision)
     times = {"plain": [], "migu": []}
     cpu = {"plain": [], "migu": []}
-    own = {part: [] for part in migu.spent}  # MIGU's own CPU time in each MIGU step, by part
-    own_wall = {part: [] for part in migu.spent}
+    own = {part: [] for part in migu.PARTS}  # MIGU's own CPU time in each MIGU step, by part
+    own_wall = {part: [] for part in migu.PARTS}
     migu.enabled = False
     step()  # warm-up (allocator, optimizer state)
     order = ["plain", "migu", "migu", "plain"]

@@ -505,14 +505,22 @@ def _fmt(values, signed: bool = False):
     return f"{statistics.mean(values):{sign}.1f} ± {statistics.stdev(values):.1f}"
 
 
-def _ci(values, level: float = 0.95) -> str:
-    """Student-t confidence interval of the mean paired difference: does it exclude 0?"""
+def _ci(groups: list[list[float]], level: float = 0.95) -> str:
+    """Student-t interval of the mean paired difference, the variance pooled within groups (the task orders).
+
+    The orders are fixed conditions, not a sample of orders: the spread between them is not noise of the mean.
+    One group is the plain one-sample interval.
+    """
     from scipy import stats
 
-    if len(values) < 2:
+    values = [v for g in groups for v in g]
+    df = len(values) - len(groups)
+    if df < 1:
         return "–"
-    low, high = stats.t.interval(level, len(values) - 1, loc=statistics.mean(values), scale=stats.sem(values))
-    return f"[{low:+.1f}, {high:+.1f}]"
+    mean = statistics.mean(values)
+    pooled = sum((len(g) - 1) * statistics.variance(g) for g in groups if len(g) > 1) / df
+    half = stats.t.ppf(0.5 + level / 2, df) * (pooled / len(values)) ** 0.5
+    return f"[{mean - half:+.1f}, {mean + half:+.1f}]"
 
 
 TITLES = {
@@ -617,7 +625,7 @@ def _diffs(pairs, key) -> list[float]:
 
 def delta_lines(runs: list[dict]) -> list[str]:
     """The paired MIGU − reference table: Δ AA (with its t-interval), Δ BWT and Δ learned R[i][i] (mean ± sample
-    std over seeds)."""
+    std over seeds); conditions run on several orders get a row pooled over them ("all")."""
     deltas = paired_deltas(runs)
     if not deltas:
         return []
@@ -627,13 +635,17 @@ def delta_lines(runs: list[dict]) -> list[str]:
     for (method, t, variant, ref), ds in by_condition.items():  # the paper averages its tables over orders
         if len(ds) > 1:
             deltas.append({"order": "all " + ",".join(str(d["order"]) for d in ds), "method": method, "t": t,
-                           "variant": variant, "ref": ref, "pairs": [p for d in ds for p in d["pairs"]]})
+                           "variant": variant, "ref": ref, "pairs": [p for d in ds for p in d["pairs"]],
+                           "by_order": [d["pairs"] for d in ds]})
     rows = [f"| {d['order']} | {d['method']} | {_label(d['t'], d['variant'])} | {len(d['pairs'])} | "
-            f"{_fmt(_diffs(d['pairs'], 'aa'), True)} | {_ci(_diffs(d['pairs'], 'aa'))} | "
+            f"{_fmt(_diffs(d['pairs'], 'aa'), True)} | {_ci([_diffs(p, 'aa') for p in d.get('by_order', [d['pairs']])])} | "
             f"{_fmt(_diffs(d['pairs'], 'bwt'), True)} | "
             f"{_fmt(_diffs(d['pairs'], 'diag'), True)} | {sum(g['aa'] > b['aa'] for b, g in d['pairs'])}/"
             f"{len(d['pairs'])} |" for d in deltas]
-    return [f"MIGU − {' / '.join(sorted({d['ref'] for d in deltas}))}, paired by seed:", "",
+    return [f"MIGU − {' / '.join(sorted({d['ref'] for d in deltas}))}, paired by seed: mean ± sample std over the "
+            "pairs; Δ AA 95% CI is the Student-t interval of that mean. In a row pooled over orders (`all`) its "
+            "variance is the one within orders: the interval says whether MIGU helps on average over these orders, "
+            "not over task orders in general (three orders are too few for that).", "",
             "| order | method | MIGU T | pairs | Δ AA | Δ AA 95% CI | Δ BWT | Δ learned R[i][i] | MIGU AA higher |",
             "|---|---|---|---|---|---|---|---|---|", *rows, ""]
 
@@ -842,7 +854,8 @@ version (the fingerprint of migu's sources is printed with each table)."""
 
 
 WHERE_8STEP = ("kept at the end of this page until the plateau tables are complete",
-               "no longer shown: their summaries stay in `results/table1`–`table3/`, this page's git history shows them")
+               "no longer shown: their summaries stay in `results/table1/`–`results/table3/`; this page's git "
+               "history shows them")
 
 
 def plateau_complete(root: Path = ROOT) -> bool:
@@ -903,17 +916,19 @@ def plateau_lines(root: Path = ROOT) -> list[str]:
 
 
 def overhead_lines(root: Path = ROOT) -> list[str]:
-    """One line per committed `benchmarks/overhead.py` result (fp32 before bf16 became the default, bf16 now)."""
+    """One line per committed `benchmarks/overhead.py` result (`overhead-bf16.json`: the default precision here)."""
     lines = []
     for f in sorted((root / "results" / "overhead").glob("overhead*.json")):
         o = json.loads(f.read_text())
         line = (f"- {o.get('precision', 'fp32')} (`results/overhead/{f.name}`; batch {o['batch']}×{o['length']}, "
                 f"T={o['threshold']}, {o['threads']} threads): step-time ratio with / without MIGU, CPU time "
                 f"interleaved in one process, full FT ×{o['full_ft_ratio']:.3f}, LoRA ×{o['lora_ratio']:.3f}")
-        if "full_ft_own_wall_share" in o:  # MIGU's parts timed inside the step: less noisy than the ratio
-            line += (f"; MIGU's own time a step, CPU / wall, full FT {100 * o['full_ft_own_share']:.1f}% / "
-                     f"{100 * o['full_ft_own_wall_share']:.1f}%, LoRA {100 * o['lora_own_share']:.1f}% / "
-                     f"{100 * o['lora_own_wall_share']:.1f}%")
+        if "full_ft_own_share" in o:  # MIGU's parts timed inside the step: less noisy than the ratio
+            wall = "full_ft_own_wall_share" in o
+            share = lambda m: (f"{100 * o[f'{m}_own_share']:.1f}%"  # noqa: E731
+                               + (f" / {100 * o[f'{m}_own_wall_share']:.1f}%" if wall else ""))
+            line += f"; MIGU's own time a step, CPU{' / wall' if wall else ''}, full FT {share('full_ft')}, " \
+                    f"LoRA {share('lora')}"
         lines.append(line + f"; MIGU state {o['extra_bytes']:,} bytes for {o['full_ft_units']:,} output units.")
     return (lines or ["Overhead benchmark not run yet."]) + [""]
 
@@ -950,16 +965,21 @@ def render(root: Path = ROOT) -> Path:
         lines += [settings_line(runs), "", *table_lines(runs), "", *(["Notes:", *notes, ""] if notes else []),
                   *delta_lines(runs),
                   f"![{title}](images/{image.name})", ""]
-    cell = f"{100 / PLATEAU['data.test_per_task']:g} in the plateau tables"
-    if not complete:
-        cell = (f"{100 / SETTINGS['data.test_per_task']:g} points of a cell in tables 1 and 3, "
-                f"{100 / LONG['data.test_per_task']:g} in table 2, " + cell)
-    lines += ["## Same numbers from every code version and machine? Reruns", "",
-              "A table's runs were made over several sessions, so at several commits and possibly on different "
-              "machines of the same 2-core kind (a CPU with other vector units runs other float kernels). "
-              "`python benchmarks/results.py reproduce` reruns the cheapest run of each table's oldest code "
-              f"version with the current code and compares the accuracy matrix cell by cell (one test example "
-              f"is {cell}):", "", *reproduce_lines(root, PLATEAU_FAMILY if complete else None)]
+    plateau_cell = f"{100 / PLATEAU['data.test_per_task']:g} point of a cell in the plateau tables"
+    if complete:
+        intro = ("The plateau tables ran one code version, over several sessions and possibly on different machines "
+                 "of the same 2-core kind (a CPU with other vector units runs other float kernels). `python "
+                 "benchmarks/results.py reproduce` reruns a committed run with the current code and compares the "
+                 f"accuracy matrix cell by cell (one test example is {plateau_cell}):")
+    else:
+        intro = ("A table's runs were made over several sessions, so at several commits and possibly on different "
+                 "machines of the same 2-core kind (a CPU with other vector units runs other float kernels). "
+                 "`python benchmarks/results.py reproduce` reruns the cheapest run of each table's oldest code "
+                 "version with the current code and compares the accuracy matrix cell by cell (one test example "
+                 f"is {100 / SETTINGS['data.test_per_task']:g} points of a cell in tables 1 and 3, "
+                 f"{100 / LONG['data.test_per_task']:g} in table 2, {plateau_cell}):")
+    lines += ["## Same numbers from every code version and machine? Reruns", "", intro, "",
+              *reproduce_lines(root, PLATEAU_FAMILY if complete else None)]
     lines += ["## Table 4 — cost", "",
               "`python benchmarks/overhead.py` (step time) and the wall times of the runs above.", "",
               *overhead_lines(root)]

@@ -105,10 +105,19 @@ def test_paired_deltas_are_also_pooled_over_orders(tmp_path):
     sd = statistics.stdev([5.0, -2.0, 3.0])
     assert f"| all 1,2 | seq-lora | 0.7 | 3 | +2.0 ± {sd:.1f} |" in text and text.count("| all") == 1
     assert text.splitlines()[-1].endswith("| 2/3 |")
-    # Student-t 95% intervals of the mean Δ AA: n=2 (t=12.71) and n=3 (t=4.30); one pair has none
-    assert "| +1.5 ± 4.9 | [-43.0, +46.0] |" in text and f"| +2.0 ± {sd:.1f} | [-7.0, +11.0] |" in text
-    assert "| +3.0 | – |" in text
+    # Student-t 95% intervals of the mean Δ AA: order 1 n=2 (t=12.71); pooled over orders the variance is the
+    # within-order one, df = 3 pairs − 2 orders: var(+5, −2) = 24.5, half-width 12.71·√(24.5/3) = 36.3
+    assert "| +1.5 ± 4.9 | [-43.0, +46.0] |" in text and f"| +2.0 ± {sd:.1f} | [-34.3, +38.3] |" in text
+    assert "| +3.0 | – |" in text  # one pair: no interval
     assert "| all" not in "\n".join(results.delta_lines(runs[:4]))  # one order: nothing to pool
+
+
+def test_paired_interval_pools_the_variance_within_orders():
+    # orders (1, 2, 3) and (4, 6, 8): mean 4, pooled variance (2·1 + 2·4)/4 = 2.5, t(0.975, 4) = 2.776
+    assert results._ci([[1.0, 2.0, 3.0], [4.0, 6.0, 8.0]]) == "[+2.2, +5.8]"
+    assert results._ci([[5.0, -2.0, 3.0]]) == "[-7.0, +11.0]"  # one order: the one-sample interval
+    assert results._ci([[2.0, 2.0, 2.0]]) == "[+2.0, +2.0]"  # no spread: no nan
+    assert results._ci([[1.0], [2.0]]) == "–"  # one pair per order: no degrees of freedom left
 
 
 def test_threshold_ablation_figure(tmp_path):
@@ -504,7 +513,8 @@ def test_the_8_step_tables_leave_the_page_once_every_plateau_table_is_complete(t
     assert "## The earlier tables" not in text and "## Table 1 — standard benchmark" not in text
     assert "| lr/o1-seq-ft-lr1e-5-n400-s0 |" in text and "| table1/" not in text
     assert "| plateau1 | 1 | seq-ft | 1 | 1 / 1 | 100 | 100 | ×1.00 |" in text and "| table1 | 1 |" not in text
-    assert "2.5 points of a cell" not in text and "one test example is 1 in the plateau tables" in text
+    assert "2.5 points of a cell" not in text and "one test example is 1 point of a cell in the plateau tables" in text
+    assert "The plateau tables ran one code version" in text
     # one run of one plateau grid still to run: the 8-step tables stay, as before
     monkeypatch.setattr(results, "_grid", lambda table, root: done + (["o1-seq-ft-base-s1"] if table == "ablation" else []))
     assert not results.plateau_complete(tmp_path)
@@ -513,6 +523,8 @@ def test_the_8_step_tables_leave_the_page_once_every_plateau_table_is_complete(t
     assert "## The earlier tables" in text and "## Table 1 — standard benchmark" in text
     assert "| table1/o1-seq-lora-base-s0 |" in text and "| table1 | 1 | seq-ft | 1 | 1 / 1 |" in text
     assert "**2 of 3 runs done; the rows below are partial** (to run: o1-seq-ft-base-s1)." in text
+    monkeypatch.undo()
+    assert not results.plateau_complete(tmp_path / "empty")  # no regime yet: no grid, nothing complete
 
 
 def test_cost_section_lists_each_overhead_measurement_with_its_precision(tmp_path):
@@ -530,3 +542,6 @@ def test_cost_section_lists_each_overhead_measurement_with_its_precision(tmp_pat
     assert lines[1].startswith("- fp32 (`results/overhead/overhead.json`") and "own time" not in lines[1]
     assert lines[1].endswith("full FT ×1.024, LoRA ×1.000; MIGU state 1,000 bytes for 10 output units.")
     assert results.overhead_lines(tmp_path / "none") == ["Overhead benchmark not run yet.", ""]
+    (out / "overhead-cpu.json").write_text(json.dumps({**common, "full_ft_ratio": 1.0, "lora_ratio": 1.0,
+                                                       "full_ft_own_share": 0.024, "lora_own_share": 0.008}))
+    assert "MIGU's own time a step, CPU, full FT 2.4%, LoRA 0.8%;" in results.overhead_lines(tmp_path)[1]
