@@ -623,6 +623,16 @@ def _diffs(pairs, key) -> list[float]:
     return [value(g) - value(b) for b, g in pairs if None not in (value(g), value(b))]
 
 
+def _delta_table(deltas: list[dict], higher: str) -> list[str]:
+    rows = [f"| {d['order']} | {d['method']} | {_label(d['t'], d['variant'])} | {len(d['pairs'])} | "
+            f"{_fmt(_diffs(d['pairs'], 'aa'), True)} | {_ci([_diffs(p, 'aa') for p in d.get('by_order', [d['pairs']])])} | "
+            f"{_fmt(_diffs(d['pairs'], 'bwt'), True)} | "
+            f"{_fmt(_diffs(d['pairs'], 'diag'), True)} | {sum(g['aa'] > b['aa'] for b, g in d['pairs'])}/"
+            f"{len(d['pairs'])} |" for d in deltas]
+    return [f"| order | method | MIGU T | pairs | Δ AA | Δ AA 95% CI | Δ BWT | Δ learned R[i][i] | {higher} |",
+            "|---|---|---|---|---|---|---|---|---|", *rows, ""]
+
+
 def delta_lines(runs: list[dict]) -> list[str]:
     """The paired MIGU − reference table: Δ AA (with its t-interval), Δ BWT and Δ learned R[i][i] (mean ± sample
     std over seeds); conditions run on several orders get a row pooled over them ("all")."""
@@ -637,17 +647,31 @@ def delta_lines(runs: list[dict]) -> list[str]:
             deltas.append({"order": "all " + ",".join(str(d["order"]) for d in ds), "method": method, "t": t,
                            "variant": variant, "ref": ref, "pairs": [p for d in ds for p in d["pairs"]],
                            "by_order": [d["pairs"] for d in ds]})
-    rows = [f"| {d['order']} | {d['method']} | {_label(d['t'], d['variant'])} | {len(d['pairs'])} | "
-            f"{_fmt(_diffs(d['pairs'], 'aa'), True)} | {_ci([_diffs(p, 'aa') for p in d.get('by_order', [d['pairs']])])} | "
-            f"{_fmt(_diffs(d['pairs'], 'bwt'), True)} | "
-            f"{_fmt(_diffs(d['pairs'], 'diag'), True)} | {sum(g['aa'] > b['aa'] for b, g in d['pairs'])}/"
-            f"{len(d['pairs'])} |" for d in deltas]
     return [f"MIGU − {' / '.join(sorted({d['ref'] for d in deltas}))}, paired by seed: mean ± sample std over the "
             "pairs; Δ AA 95% CI is the Student-t interval of that mean. In a row pooled over orders (`all`) its "
             "variance is the one within orders: the interval says whether MIGU helps on average over these orders, "
             "not over task orders in general (three orders are too few for that).", "",
-            "| order | method | MIGU T | pairs | Δ AA | Δ AA 95% CI | Δ BWT | Δ learned R[i][i] | MIGU AA higher |",
-            "|---|---|---|---|---|---|---|---|---|", *rows, ""]
+            *_delta_table(deltas, "MIGU AA higher")]
+
+
+DEFAULT_T = 0.7
+
+
+def option_lines(runs: list[dict]) -> list[str]:
+    """The ablation's question: each option − MIGU with its defaults (T = 0.7, no option changed), paired by seed."""
+    by = {(*_condition(r), r["seed"]): r for r in runs}
+    deltas = []
+    for (order, method, t, variant), rs in _groups(runs):
+        ref = (order, method, DEFAULT_T, "")
+        if t is None or (t, variant) == (DEFAULT_T, ""):
+            continue
+        pairs = [(by[(*ref, r["seed"])], r) for r in rs if (*ref, r["seed"]) in by]
+        if pairs:
+            deltas.append({"order": order, "method": method, "t": t, "variant": variant, "pairs": pairs})
+    if not deltas:
+        return []
+    return [f"Each option − MIGU with its defaults (T={DEFAULT_T}, first task skip, LM head out, all tokens, LoRA B by "
+            "the layer's output), paired by seed:", "", *_delta_table(deltas, "option AA higher")]
 
 
 def plot_deltas(runs: list[dict], title: str):
@@ -908,7 +932,8 @@ def plateau_lines(root: Path = ROOT) -> list[str]:
             fig.suptitle(f"{short}: " + fig.get_suptitle(), fontsize=11)
         notes = [f"- `{r['run']}`: {r['note']}" for r in runs if r.get("note")]
         lines += [settings_line(runs), _code_line(runs), "", *table_lines(runs), "",
-                  *(["Notes:", *notes, ""] if notes else []), *delta_lines(runs)]
+                  *(["Notes:", *notes, ""] if notes else []), *delta_lines(runs),
+                  *(option_lines(runs) if table == "ablation" else [])]
         if fig is not None:
             image = save(fig, root / "docs" / "images" / f"results_{table}.png")
             lines += [f"![{short}](images/{image.name})", ""]

@@ -266,6 +266,12 @@ def test_ablation_rows_are_conditions_with_their_variant_paired_with_the_base(tm
     assert "| 1 | seq-ft | 0.7 | 2 | +1.5 ± 0.7 | [-4.9, +7.9] | +5.5 ± 2.1 | -2.0 ± 0.0 | 2/2 |" in text
     assert "| 1 | seq-ft | 0.7 (first_task=mask) | 2 | -9.0 ± 1.4 | [-21.7, +3.7] | +8.0 ± 2.8 | -10.0 ± 0.0 | 0/2 |" in text
     assert "| 1 | seq-ft | 0.7 (first_task=mask) | 0.001 | 0,1 | 43.0 ± 4.2 | -3.0 ± 1.4 |" in "\n".join(results.table_lines(runs))
+    # the option against MIGU's defaults: ΔAA −12, −9; ΔBWT +2, +3; Δlearned −8, −8 (t=12.71: ±19.1)
+    options = results.option_lines(runs)
+    assert options[0].startswith("Each option − MIGU with its defaults (T=0.7, first task skip,")
+    assert [r for r in options if r.startswith("| 1 |")] == [
+        "| 1 | seq-ft | 0.7 (first_task=mask) | 2 | -10.5 ± 2.1 | [-29.6, +8.6] | +2.5 ± 0.7 | -8.0 ± 0.0 | 0/2 |"]
+    assert results.option_lines(runs[:4]) == []  # no option run: no table
     fig = results.plot_deltas(runs, "Ablation")
     assert [ax.get_xlabel().split(" (")[0] for ax in fig.axes] == ["Δ AA", "Δ BWT", "Δ learned R[i][i]"]
     # a partial table says how much of its grid has run
@@ -276,6 +282,7 @@ def test_ablation_rows_are_conditions_with_their_variant_paired_with_the_base(tm
                         "ablation" else None)
     text = "\n".join(results.plateau_lines(tmp_path))
     assert "**6 of 7 runs done; the rows below are partial** (to run: o1-x)." in text
+    assert "| 1 | seq-ft | 0.7 (first_task=mask) | 2 | -10.5 ± 2.1 |" in text  # the option table, ablation only
     assert "(images/results_ablation.png)" in text and (tmp_path / "docs" / "images" / "results_ablation.png").exists()
     assert "## Table 1 anew" in text and "Not run yet (it needs the regime's plateau size first)." in text
 
