@@ -743,7 +743,6 @@ def condition_stats(runs: list[dict]) -> list[dict]:
 
 def plot_table(table: str, runs: list[dict]):
     """Table 1/2: AA and BWT bars per method without/with MIGU; table 3: AA, BWT, learned R[i][i] against T."""
-    from migu.report.plots import new_figure
     from migu.report.tables import plot_compare_bars
 
     stats = condition_stats(runs)
@@ -753,12 +752,19 @@ def plot_table(table: str, runs: list[dict]):
         fig = plot_compare_bars(stats)
         fig.suptitle(f"{TITLES[table].split(' — ')[0]}: " + fig.get_suptitle(), fontsize=11)
         return fig
+    return plot_thresholds(stats, "Table 3: threshold ablation, seq-ft")
+
+
+def plot_thresholds(stats: list[dict], title: str):
+    """AA, BWT and learned R[i][i] against MIGU's threshold T, mean ± sample std over seeds (no MIGU = T 0)."""
+    from migu.report.plots import new_figure
+
     fig = new_figure(12.0, 4.0)
     counts = sorted({g["n"] for g in stats})
     for ax, (key, label) in zip(fig.subplots(1, 3), (("aa", "AA (%)"), ("bwt", "BWT (%)"),
                                                       ("diag", "learned R[i][i] (%)"))):
-        pts = [(g["threshold"], g[f"{key}_mean"], g[f"{key}_std"] or 0.0) for g in stats
-               if g[f"{key}_mean"] is not None]
+        pts = sorted((g["threshold"] or 0.0, g[f"{key}_mean"], g[f"{key}_std"] or 0.0) for g in stats
+                     if g[f"{key}_mean"] is not None)
         xs, ys, es = zip(*pts)
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3)
         for x, y in zip(xs, ys):
@@ -771,7 +777,7 @@ def plot_table(table: str, runs: list[dict]):
         if key == "bwt":
             ax.axhline(0, color="black", linewidth=0.6)
     n = "/".join(str(k) for k in counts)
-    fig.suptitle(f"Table 3: threshold ablation, seq-ft (mean ± sample std over {n} seed(s))", fontsize=11)
+    fig.suptitle(f"{title} (mean ± sample std over {n} seed(s))", fontsize=11)
     return fig
 
 
@@ -937,6 +943,11 @@ def plateau_lines(root: Path = ROOT) -> list[str]:
         if fig is not None:
             image = save(fig, root / "docs" / "images" / f"results_{table}.png")
             lines += [f"![{short}](images/{image.name})", ""]
+        curve = [g for g in condition_stats(runs) if g["method"] == "seq-ft" and not g["variant"]]
+        if table == "ablation" and len(curve) > 2:  # the paper's threshold figure (no MIGU: T = 0, bit-identical)
+            image = save(plot_thresholds(curve, "Ablation: threshold T, seq-ft, order 1"),
+                         root / "docs" / "images" / "results_ablation_threshold.png")
+            lines += [f"![threshold](images/{image.name})", ""]
     return lines
 
 

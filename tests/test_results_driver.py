@@ -552,3 +552,21 @@ def test_cost_section_lists_each_overhead_measurement_with_its_precision(tmp_pat
     (out / "overhead-cpu.json").write_text(json.dumps({**common, "full_ft_ratio": 1.0, "lora_ratio": 1.0,
                                                        "full_ft_own_share": 0.024, "lora_own_share": 0.008}))
     assert "MIGU's own time a step, CPU, full FT 2.4%, LoRA 0.8%;" in results.overhead_lines(tmp_path)[1]
+
+
+def test_ablation_draws_the_threshold_curve_with_no_migu_at_t_0(tmp_path, monkeypatch):
+    runs = []
+    for t, aa in ((None, 50.0), (0.3, 52.0), (0.7, 54.0)):
+        r = {**_summary("seq-ft", t is not None, 0, aa, -5.0, 10.0), "table": "ablation", "run": f"o1-{t}"}
+        if t is not None:
+            r["settings"]["migu.threshold"] = t
+        runs.append(r)
+        _write(tmp_path, r)
+    monkeypatch.setattr(results, "_grid", lambda table, root: [r["run"] for r in runs] if table == "ablation" else None)
+    text = "\n".join(results.plateau_lines(tmp_path))
+    assert "![threshold](images/results_ablation_threshold.png)" in text
+    fig = results.plot_thresholds([g for g in results.condition_stats(runs)], "t")
+    line = fig.axes[0].lines[0]
+    assert list(line.get_xdata()) == [0.0, 0.3, 0.7] and list(line.get_ydata()) == [50.0, 52.0, 54.0]
+    (tmp_path / "results" / "ablation" / "o1-0.3.json").unlink()  # two points are no curve
+    assert "results_ablation_threshold" not in "\n".join(results.plateau_lines(tmp_path))
