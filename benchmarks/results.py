@@ -270,15 +270,15 @@ def run_table(table: str, runs, list_only: bool, threads: int | None = None, roo
         summary, cfg = _run_one(table, name, sets, root / "runs" / "results" / table / name, threads)
         keep = {k: summary.get(k) for k in ("aa", "bwt", "fwt", "forgetting", "tasks", "matrix", "r0", "method",
                                              "migu", "seed", "lr", "wall_time_s", "git_commit", "code", "machine",
-                                             "versions")}
+                                             "versions", "precision", "attention")}
         keep.update(table=table, run=name, settings=sets, code_version=_short(summary["git_commit"]),
                     threads=cfg.threads)
         target.write_text(json.dumps(keep, indent=1) + "\n")
         print(f"done   {table}/{name}: AA {summary['aa']:.1f} BWT {summary.get('bwt')}", flush=True)
 
 
-# The cheapest default-thread run of each table's oldest code version: rerun with today's code and machine;
-# and a plateau run made on an AMD EPYC (AVX512-bf16) rerun on an Intel Xeon (AMX): the plateau tables mix both
+# The cheapest default-thread run of each table's oldest code version, and the plateau family's oldest run:
+# rerun with today's code on today's machine
 REPRODUCE = ("table1/o1-seq-lora-base-s0", "table2/o4-seq-lora-base-s0", "table3/o1-seq-ft-migu0.0-s0",
              "lr/o1-seq-ft-lr1e-5-n400-s0")
 
@@ -300,9 +300,13 @@ def reproduce(specs=REPRODUCE, root: Path = ROOT) -> list[Path]:
             print(f"done   reproduce {spec}")
             continue
         orig = json.loads(source.read_text())
-        summary, _ = _run_one("reproduce", f"{table}-{name}", orig["settings"],
+        # the same program on the same inputs: a default that changed since (the attention kernel) is pinned to
+        # what the run used; runs made before `model.attention` existed ran the model's own sdpa
+        sets = {"model.attention": orig.get("attention") or "sdpa",
+                **({"train.precision": orig["precision"]} if orig.get("precision") else {}), **orig["settings"]}
+        summary, _ = _run_one("reproduce", f"{table}-{name}", sets,
                               root / "runs" / "results" / "reproduce" / table / name, orig.get("threads"))
-        out = {"table": table, "run": name, "threads": orig.get("threads"),
+        out = {"table": table, "run": name, "threads": orig.get("threads"), "settings": sets,
                "original": {k: orig.get(k) for k in ("code_version", "machine", "aa", "bwt", "r0", "matrix")},
                "rerun": {"code_version": _short(summary["git_commit"]), "machine": summary["machine"],
                          "aa": summary["aa"], "bwt": summary["bwt"], "r0": summary["r0"], "matrix": summary["matrix"],
@@ -1005,8 +1009,9 @@ def render(root: Path = ROOT) -> Path:
     if complete:
         intro = ("The plateau tables ran one code version, over several sessions and possibly on different machines "
                  "of the same 2-core kind (a CPU with other vector units runs other float kernels). `python "
-                 "benchmarks/results.py reproduce` reruns a committed run with the current code and compares the "
-                 f"accuracy matrix cell by cell (one test example is {plateau_cell}):")
+                 "benchmarks/results.py reproduce` reruns a committed run with the current code (the attention kernel "
+                 "pinned to the one the run used, as that default changed since) and compares the accuracy matrix "
+                 f"cell by cell (one test example is {plateau_cell}):")
     else:
         intro = ("A table's runs were made over several sessions, so at several commits and possibly on different "
                  "machines of the same 2-core kind (a CPU with other vector units runs other float kernels). "

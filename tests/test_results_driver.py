@@ -308,13 +308,19 @@ def test_reproduce_compares_a_rerun_cell_by_cell(tmp_path, tiny_llama_dir):
     r = json.loads(out.read_text())
     assert r["rerun"]["matrix"] == orig["matrix"] and r["cells"] == 12  # untrained row + 3 tasks, 3 tasks each
     assert r["cells_differing"] == 0 and r["max_abs_cell_diff"] == 0.0
-    # a committed cell that the rerun does not reproduce is counted and measured
+    # the rerun runs what the committed run ran, even where a default has changed since
+    assert orig["attention"] == config["model"]["attention"] and orig["precision"] == config["train"]["precision"]
+    assert r["settings"] == {"model.attention": orig["attention"], "train.precision": orig["precision"], **sets}
+    # a committed cell that the rerun does not reproduce is counted and measured; a run from before the
+    # attention option ran the model's sdpa
     orig["matrix"][1][0] += 12.5
+    del orig["attention"], orig["precision"]
     committed.write_text(json.dumps(orig))
     out.unlink()
     (out,) = results.reproduce(["table1/tiny-s0"], root=tmp_path)  # the finished rerun resumes at once
     r = json.loads(out.read_text())
     assert r["cells_differing"] == 1 and r["max_abs_cell_diff"] == 12.5
+    assert r["settings"] == {"model.attention": "sdpa", **sets}
     text = results.render(tmp_path).read_text()
     assert f"| table1/tiny-s0 | {orig['code_version']}, " in text and "| 1/12 | 12.5 |" in text
     with pytest.raises(SystemExit, match="no such committed run"):
