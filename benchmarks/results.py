@@ -651,10 +651,12 @@ def delta_lines(runs: list[dict]) -> list[str]:
             deltas.append({"order": "all " + ",".join(str(d["order"]) for d in ds), "method": method, "t": t,
                            "variant": variant, "ref": ref, "pairs": [p for d in ds for p in d["pairs"]],
                            "by_order": [d["pairs"] for d in ds]})
+    pooled = any(str(d["order"]).startswith("all") for d in deltas)
     return [f"MIGU − {' / '.join(sorted({d['ref'] for d in deltas}))}, paired by seed: mean ± sample std over the "
-            "pairs; Δ AA 95% CI is the Student-t interval of that mean. In a row pooled over orders (`all`) its "
-            "variance is the one within orders: the interval says whether MIGU helps on average over these orders, "
-            "not over task orders in general (three orders are too few for that).", "",
+            "pairs; Δ AA 95% CI is the Student-t interval of that mean (– with one pair)."
+            + (" In a row pooled over orders (`all`) its variance is the one within orders: the interval says "
+               "whether MIGU helps on average over these orders, not over task orders in general (a few orders "
+               "are too few for that)." if pooled else ""), "",
             *_delta_table(deltas, "MIGU AA higher")]
 
 

@@ -109,7 +109,9 @@ def test_paired_deltas_are_also_pooled_over_orders(tmp_path):
     # within-order one, df = 3 pairs − 2 orders: var(+5, −2) = 24.5, half-width 12.71·√(24.5/3) = 36.3
     assert "| +1.5 ± 4.9 | [-43.0, +46.0] |" in text and f"| +2.0 ± {sd:.1f} | [-34.3, +38.3] |" in text
     assert "| +3.0 | – |" in text  # one pair: no interval
-    assert "| all" not in "\n".join(results.delta_lines(runs[:4]))  # one order: nothing to pool
+    assert "In a row pooled over orders" in text
+    one_order = "\n".join(results.delta_lines(runs[:4]))
+    assert "| all" not in one_order and "pooled" not in one_order  # one order: nothing to pool, nothing to explain
 
 
 def test_paired_interval_pools_the_variance_within_orders():
