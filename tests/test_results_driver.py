@@ -425,6 +425,7 @@ def test_regime_section_renders_the_curve_and_the_choices(tmp_path):
             _write(tmp_path, _regime_summary("regime", method, lrs[1], n, v))
     text = "\n".join(results.regime_lines(tmp_path))
     assert "(`provenance.code`): f00d — one code version." in text
+    assert "machines: not recorded × 12 runs." in text  # 6 lr + 8 regime runs, two of them the lr runs again
     assert "Chosen lr: seq-ft 5e-05, seq-lora 0.0003." in text
     assert "Plateau size: **256 training examples per task**." in text
     assert "| regime | seq-ft | 5e-05 | 256 | 32 | 50.0 | -5.0 | 79.0 | 0.0 | 60 |" in re.sub(r" +", " ", text)
@@ -530,12 +531,15 @@ def test_the_8_step_tables_leave_the_page_once_every_plateau_table_is_complete(t
     assert "| plateau1 | 1 | seq-ft | 1 | 1 / 1 | 100 | 100 | ×1.00 |" in text and "| table1 | 1 |" not in text
     assert "2.5 points of a cell" not in text and "one test example is 1 point of a cell in the plateau tables" in text
     assert "The plateau tables ran one code version" in text
+    assert "## Same numbers from today's code? Reruns" in text and "## Cost\n" in text and "Table 4" not in text
+    assert "conditions: `1` = two 1-thread runs side by side" in text and "`default` =" not in text  # only what ran
     # one run of one plateau grid still to run: the 8-step tables stay, as before
     monkeypatch.setattr(results, "_grid", lambda table, root: done + (["o1-seq-ft-base-s1"] if table == "ablation" else []))
     assert not results.plateau_complete(tmp_path)
     text = results.render(tmp_path).read_text()
     assert "(kept at the end of this page until the plateau tables are complete)" in text
     assert "## The earlier tables" in text and "## Table 1 — standard benchmark" in text
+    assert "## Table 4 — cost" in text and "## Same numbers from every code version and machine? Reruns" in text
     assert "| table1/o1-seq-lora-base-s0 |" in text and "| table1 | 1 | seq-ft | 1 | 1 / 1 |" in text
     assert "**2 of 3 runs done; the rows below are partial** (to run: o1-seq-ft-base-s1)." in text
     monkeypatch.undo()
