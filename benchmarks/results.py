@@ -709,29 +709,40 @@ def settings_line(runs: list[dict]) -> str:
     codes = ", ".join(sorted({r["code_version"] for r in runs}))
     threads = sorted({str(r.get("threads") or "default") for r in runs})
     machines = collections.Counter(_machine(r.get("machine")) for r in runs)
+    # the driver records the resolved precision since 9f42098; older runs ran `auto` unrecorded, so it is
+    # named only where some run of the table recorded it (a table whose runs ran on different CPU kinds)
+    precisions = collections.Counter(r.get("precision") or "not recorded" for r in runs)
+    precision = ("; precision (`train.precision=auto` as resolved): "
+                 + ", ".join(f"{p} × {n} runs" for p, n in sorted(precisions.items()))
+                 if set(precisions) - {"not recorded"} else "")
     return (f"Settings: {', '.join(f'`{k}={v}`' for k, v in common.items())}; torch threads per run: "
             f"{'/'.join(threads)}; code versions: {codes}; machines: "
-            f"{'; '.join(f'{m} × {n} runs' for m, n in sorted(machines.items()))}.")
+            f"{'; '.join(f'{m} × {n} runs' for m, n in sorted(machines.items()))}{precision}.")
 
 
 def wall_lines(results: dict[str, list[dict]]) -> list[str]:
     """Wall time per run (mean) per table, order, method, MIGU and torch threads, with the MIGU/base ratio.
 
-    Grouped by threads too: 1-thread runs ran two side by side and are not comparable with 2-thread runs.
+    Grouped by threads and machine too: 1-thread runs ran two side by side and are not comparable with
+    2-thread runs, nor a run on one CPU kind with a run on another.
     """
-    lines = ["| table | order | method | threads | runs (base / MIGU) | wall s base | wall s MIGU | ratio |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| table | order | method | threads | machine | runs (base / MIGU) | wall s base | wall s MIGU | ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def key(r):
+        return (*_condition(r)[:2], r.get("threads") or 0, _machine(r.get("machine")))
+
     for table in results:
         runs = [r for r in results[table] if not r.get("wall_time_shared")]
-        for key in sorted({(*_condition(r)[:2], r.get("threads") or 0) for r in runs}):
-            order, method, threads = key
-            same = [r for r in runs if (*_condition(r)[:2], r.get("threads") or 0) == key]
+        for k in sorted({key(r) for r in runs}):
+            order, method, threads, machine = k
+            same = [r for r in runs if key(r) == k]
             base = [r["wall_time_s"] for r in same if _condition(r)[2] is None]
             migu = [r["wall_time_s"] for r in same if _condition(r)[2:] == (0.7, "")]
             if base and migu:
                 b, m = statistics.mean(base), statistics.mean(migu)
-                lines.append(f"| {table} | {order} | {method} | {threads or 'default'} | {len(base)} / {len(migu)} | "
-                             f"{b:.0f} | {m:.0f} | ×{m / b:.2f} |")
+                lines.append(f"| {table} | {order} | {method} | {threads or 'default'} | {machine} | "
+                             f"{len(base)} / {len(migu)} | {b:.0f} | {m:.0f} | ×{m / b:.2f} |")
     return lines
 
 

@@ -82,7 +82,7 @@ def test_render_groups_seeds_and_pairs_migu_with_base(tmp_path):
     assert "MIGU − no MIGU, paired by seed" in text
     assert "| 1 | seq-lora | 0.7 | 2 | +1.5 ± 4.9 | [-43.0, +46.0] | +10.0 ± 5.7 | +0.0 ± 0.0 | 1/2 |" in text
     assert "`data.train_per_task=64`" in text and "`seed=" not in text and "code versions: abc1234" in text
-    assert "| table1 | 1 | seq-lora | 1 | 2 / 2 | 105 | 110 | ×1.05 |" in text
+    assert "| table1 | 1 | seq-lora | 1 | not recorded | 2 / 2 | 105 | 110 | ×1.05 |" in text
     assert "Table 2" in text and "Not run yet." in text
     # one figure per table that has runs, from the same per-condition statistics
     assert "![Table 1" in text and "(images/results_table1.png)" in text and "results_table2.png" not in text
@@ -346,7 +346,7 @@ def test_a_run_that_shared_the_cores_is_noted_and_left_out_of_wall_times(tmp_pat
     text = results.render(tmp_path).read_text()
     assert "- `r1True`: cores shared with a CI run" in text
     assert "| 1 | seq-ft | 0.7 | 0.001 | 0,1 | 40.0 ± 0.0 |" in text and "| 110 |" in text and "| 505 |" not in text
-    assert "| table1 | 1 | seq-ft | default | 1 / 1 | 100 | 110 | ×1.10 |" in text
+    assert "| table1 | 1 | seq-ft | default | not recorded | 1 / 1 | 100 | 110 | ×1.10 |" in text
 
 
 # ------------------------------------------------------------------------------------------ plateau regime
@@ -528,7 +528,7 @@ def test_the_8_step_tables_leave_the_page_once_every_plateau_table_is_complete(t
     assert "What changed since the 8-step tables (no longer shown:" in text
     assert "## The earlier tables" not in text and "## Table 1 — standard benchmark" not in text
     assert "| lr/o1-seq-ft-lr1e-5-n400-s0 |" in text and "| table1/" not in text
-    assert "| plateau1 | 1 | seq-ft | 1 | 1 / 1 | 100 | 100 | ×1.00 |" in text and "| table1 | 1 |" not in text
+    assert "| plateau1 | 1 | seq-ft | 1 | not recorded | 1 / 1 | 100 | 100 | ×1.00 |" in text and "| table1 | 1 |" not in text
     assert "2.5 points of a cell" not in text and "one test example is 1 point of a cell in the plateau tables" in text
     assert "The plateau tables ran one code version" in text
     assert "## Same numbers from today's code? Reruns" in text and "## Cost\n" in text and "Table 4" not in text
@@ -540,7 +540,7 @@ def test_the_8_step_tables_leave_the_page_once_every_plateau_table_is_complete(t
     assert "(kept at the end of this page until the plateau tables are complete)" in text
     assert "## The earlier tables" in text and "## Table 1 — standard benchmark" in text
     assert "## Table 4 — cost" in text and "## Same numbers from every code version and machine? Reruns" in text
-    assert "| table1/o1-seq-lora-base-s0 |" in text and "| table1 | 1 | seq-ft | 1 | 1 / 1 |" in text
+    assert "| table1/o1-seq-lora-base-s0 |" in text and "| table1 | 1 | seq-ft | 1 | not recorded | 1 / 1 |" in text
     assert "**2 of 3 runs done; the rows below are partial** (to run: o1-seq-ft-base-s1)." in text
     monkeypatch.undo()
     assert not results.plateau_complete(tmp_path / "empty")  # no regime yet: no grid, nothing complete
@@ -582,3 +582,26 @@ def test_ablation_draws_the_threshold_curve_with_no_migu_at_t_0(tmp_path, monkey
     assert list(line.get_xdata()) == [0.0, 0.3, 0.7] and list(line.get_ydata()) == [50.0, 52.0, 54.0]
     (tmp_path / "results" / "ablation" / "o1-0.3.json").unlink()  # two points are no curve
     assert "results_ablation_threshold" not in "\n".join(results.plateau_lines(tmp_path))
+
+
+def test_runs_on_another_cpu_kind_get_their_own_wall_row_and_their_precision_is_named(tmp_path):
+    out = tmp_path / "results" / "table1"
+    out.mkdir(parents=True)
+    avx512 = {"cpu": "AMD EPYC", "cpu_capability": "AVX512", "cores": 2}
+    avx2 = {"cpu": "AMD EPYC", "cpu_capability": "AVX2", "cores": 2}
+    for migu, seed, wall, machine, precision in [(False, 0, 100.0, avx512, None), (True, 0, 110.0, avx512, None),
+                                                 (False, 1, 300.0, avx2, "fp32"), (True, 1, 270.0, avx2, "fp32")]:
+        summary = {**_summary("seq-ft", migu, seed, 40.0, -1.0, wall), "run": f"r{seed}{migu}", "threads": 1,
+                   "machine": machine, **({"precision": precision} if precision else {})}
+        (out / f"o1-seq-ft-{migu}-s{seed}.json").write_text(json.dumps(summary))
+    text = results.render(tmp_path).read_text()
+    # the mean over both kinds (200 / 190) would hide that each pair ran on one kind
+    assert "| table1 | 1 | seq-ft | 1 | AMD EPYC (AVX512, 2 cores) | 1 / 1 | 100 | 110 | ×1.10 |" in text
+    assert "| table1 | 1 | seq-ft | 1 | AMD EPYC (AVX2, 2 cores) | 1 / 1 | 300 | 270 | ×0.90 |" in text
+    assert ("machines: AMD EPYC (AVX2, 2 cores) × 2 runs; AMD EPYC (AVX512, 2 cores) × 2 runs; precision "
+            "(`train.precision=auto` as resolved): fp32 × 2 runs, not recorded × 2 runs.") in text
+
+
+def test_precision_is_left_out_of_the_settings_line_when_no_run_recorded_it():
+    runs = [{**_summary("seq-ft", False, 0, 40.0, -1.0, 100.0), "code_version": "abc"}]
+    assert "precision" not in results.settings_line(runs)
