@@ -712,7 +712,7 @@ def settings_line(runs: list[dict]) -> str:
     # the driver records the resolved precision since 9f42098; older runs ran `auto` unrecorded, so it is
     # named only where some run of the table recorded it (a table whose runs ran on different CPU kinds)
     precisions = collections.Counter(r.get("precision") or "not recorded" for r in runs)
-    precision = ("; precision (`train.precision=auto` as resolved): "
+    precision = ("; precision as run: "
                  + ", ".join(f"{p} × {n} runs" for p, n in sorted(precisions.items()))
                  if set(precisions) - {"not recorded"} else "")
     return (f"Settings: {', '.join(f'`{k}={v}`' for k, v in common.items())}; torch threads per run: "

@@ -599,7 +599,7 @@ def test_runs_on_another_cpu_kind_get_their_own_wall_row_and_their_precision_is_
     assert "| table1 | 1 | seq-ft | 1 | AMD EPYC (AVX512, 2 cores) | 1 / 1 | 100 | 110 | ×1.10 |" in text
     assert "| table1 | 1 | seq-ft | 1 | AMD EPYC (AVX2, 2 cores) | 1 / 1 | 300 | 270 | ×0.90 |" in text
     assert ("machines: AMD EPYC (AVX2, 2 cores) × 2 runs; AMD EPYC (AVX512, 2 cores) × 2 runs; precision "
-            "(`train.precision=auto` as resolved): fp32 × 2 runs, not recorded × 2 runs.") in text
+            "as run: fp32 × 2 runs, not recorded × 2 runs.") in text
 
 
 def test_precision_is_left_out_of_the_settings_line_when_no_run_recorded_it():
