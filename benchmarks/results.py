@@ -708,20 +708,20 @@ def settings_line(runs: list[dict]) -> str:
         common = {k: v for k, v in common.items() if r["settings"].get(k) == v}
     codes = ", ".join(sorted({r["code_version"] for r in runs}))
     threads = sorted({str(r.get("threads") or "default") for r in runs})
-    machines = collections.Counter(_machine(r.get("machine")) for r in runs)
+    def tally(labels, sep):
+        return sep.join(f"{label} × {n} runs" for label, n in sorted(collections.Counter(labels).items()))
+
     # the driver records the resolved precision since 9f42098; older runs ran `auto` unrecorded, so it is
     # named only where some run of the table recorded it (a table whose runs ran on different CPU kinds)
-    precisions = collections.Counter(r.get("precision") or "not recorded" for r in runs)
-    precision = ("; precision as run: "
-                 + ", ".join(f"{p} × {n} runs" for p, n in sorted(precisions.items()))
-                 if set(precisions) - {"not recorded"} else "")
+    precisions = [r.get("precision") or "not recorded" for r in runs]
+    precision = f"; precision as run: {tally(precisions, ', ')}" if set(precisions) - {"not recorded"} else ""
     return (f"Settings: {', '.join(f'`{k}={v}`' for k, v in common.items())}; torch threads per run: "
             f"{'/'.join(threads)}; code versions: {codes}; machines: "
-            f"{'; '.join(f'{m} × {n} runs' for m, n in sorted(machines.items()))}{precision}.")
+            f"{tally((_machine(r.get('machine')) for r in runs), '; ')}{precision}.")
 
 
 def wall_lines(results: dict[str, list[dict]]) -> list[str]:
-    """Wall time per run (mean) per table, order, method, MIGU and torch threads, with the MIGU/base ratio.
+    """Wall time per run (mean) per table, order, method, MIGU, torch threads and machine, with the MIGU/base ratio.
 
     Grouped by threads and machine too: 1-thread runs ran two side by side and are not comparable with
     2-thread runs, nor a run on one CPU kind with a run on another.

@@ -247,41 +247,43 @@ def test_rank_scores_every_label_after_the_same_prompt(tiny_llama):
     assert len(seen) == 2 and len(prompts) == 1
 
 
-def _embedded_tasks():
+@pytest.fixture(scope="module")
+def embedded_naive():
+    """The embedded model, 3 benchmark tasks × 40 test examples and naive fp32 generation on each (run once)."""
     from migu.data import load_benchmark_task
     from migu.models import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer("smollm2-135m")
-    return model, tok, [load_benchmark_task(None, name, 0, 40, 0) for name in ("dbpedia", "amazon", "SST-2")]
+    tasks = [load_benchmark_task(None, name, 0, 40, 0) for name in ("dbpedia", "amazon", "SST-2")]
+    naive = [evaluate_task(model, tok, task, max_length=128, n_samples=40, prefix_cache=False) for task in tasks]
+    return model, tok, tasks, naive
 
 
 @pytest.mark.slow
-def test_prefix_cache_on_the_embedded_model_equals_naive_generation_in_fp32():
-    """3 benchmark tasks × 40 test examples: fp32 predictions identical to naive generation and ranking."""
-    model, tok, tasks = _embedded_tasks()
-    for task in tasks:
-        naive = evaluate_task(model, tok, task, max_length=128, n_samples=40, prefix_cache=False)
+def test_prefix_cache_on_the_embedded_model_equals_naive_generation_in_fp32(embedded_naive):
+    """fp32 predictions with the shared-prefix cache identical to naive generation and ranking."""
+    model, tok, tasks, naive = embedded_naive
+    for task, plain in zip(tasks, naive):
         cached = evaluate_task(model, tok, task, max_length=128, n_samples=40)
-        assert cached.samples == naive.samples, task.name
+        assert cached.samples == plain.samples, task.name
     rank_task = tasks[2]
-    naive = evaluate_task(model, tok, rank_task, mode="rank", max_length=128, n_samples=40, prefix_cache=False)
+    plain = evaluate_task(model, tok, rank_task, mode="rank", max_length=128, n_samples=40, prefix_cache=False)
     cached = evaluate_task(model, tok, rank_task, mode="rank", max_length=128, n_samples=40)
-    assert cached.samples == naive.samples
+    assert cached.samples == plain.samples
 
 
 # without AMX / AVX512-bf16 oneDNN emulates bf16 (1.1 GFLOP/s against fp32's 102 on an AVX2 EPYC): this
 # comparison would take over an hour there, and `train.precision: auto` never picks bf16 on such a CPU
 @pytest.mark.slow
 @pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bf16 kernels (auto runs fp32 here)")
-def test_prefix_cache_on_the_embedded_model_in_bf16_within_one_example_of_fp32():
+def test_prefix_cache_on_the_embedded_model_in_bf16_within_one_example_of_fp32(embedded_naive):
     from migu.distributed import autocast
 
-    model, tok, tasks = _embedded_tasks()
-    for task in tasks:
-        naive = evaluate_task(model, tok, task, max_length=128, n_samples=40, prefix_cache=False)
+    model, tok, tasks, naive = embedded_naive
+    for task, plain in zip(tasks, naive):
         with autocast(torch.device("cpu"), "bf16"):
             bf16 = evaluate_task(model, tok, task, max_length=128, n_samples=40)
-        assert abs(bf16.correct - naive.correct) <= 1, (task.name, bf16.correct, naive.correct)
+        assert abs(bf16.correct - plain.correct) <= 1, (task.name, bf16.correct, plain.correct)
 
 
 def test_prefix_cache_on_a_peft_lora_model_equals_the_naive_path(tiny_llama):
